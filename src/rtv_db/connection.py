@@ -1,0 +1,267 @@
+"""Connection and pooling (S0-B1): SQLAlchemy 2 engines on psycopg 3, sync and async.
+
+:class:`Database` and :class:`AsyncDatabase` wrap the runtime engine the application uses. Each
+new physical connection is checked once: a superuser, a BYPASSRLS role, a role that owns a
+table, or one that can become such a role, raises :class:`UnsafeRuntimeRoleError` before any
+query of the application runs. Every transaction on these engines carries the tenant context
+of the moment (see :mod:`rtv_db.tenant`), set in the same round trip as ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .config import Settings, describe_target, to_sqlalchemy_url
+from .errors import DatabaseConnectionError, UnsafeRuntimeRoleError
+
+__all__ = [
+    "Database",
+    "AsyncDatabase",
+    "PoolStats",
+    "ConnectionInfo",
+    "EngineOptions",
+    "check_runtime_role",
+]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Pool and timeout defaults for the runtime engine. Every value can be overridden."""
+
+    pool_size: int = 5
+    max_overflow: int = 5
+    pool_timeout: float = 10.0  # seconds to wait for a free connection before PoolTimeout
+    pool_recycle: int = 1800  # seconds; replace connections before server/proxy idle limits
+    pool_pre_ping: bool = True  # a dead connection is replaced, not handed out
+    connect_timeout: int = 5
+    statement_timeout_ms: int = 30_000
+    idle_in_transaction_timeout_ms: int = 60_000
+    application_name: str = "rtv-db"
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        options = (
+            f"-c statement_timeout={self.statement_timeout_ms}"
+            f" -c idle_in_transaction_session_timeout={self.idle_in_transaction_timeout_ms}"
+        )
+        return {
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.pool_timeout,
+            "pool_recycle": self.pool_recycle,
+            "pool_pre_ping": self.pool_pre_ping,
+            "connect_args": {
+                "connect_timeout": self.connect_timeout,
+                "application_name": self.application_name,
+                "options": options,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of the pool: ``get_pool_stats()``."""
+
+    size: int
+    checked_in: int
+    checked_out: int
+    overflow: int
+
+    @property
+    def total(self) -> int:
+        return self.checked_in + self.checked_out
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What ``test_connection()`` found."""
+
+    server_version: str
+    database: str
+    user: str
+    latency_ms: float
+
+
+# -- the runtime-role guard -------------------------------------------------------------------
+
+_ROLE_CHECK = """
+SELECT r.rolname,
+       r.rolsuper,
+       r.rolbypassrls,
+       (SELECT count(*) FROM pg_catalog.pg_class c
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relowner = r.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+           AND n.nspname NOT LIKE 'pg_toast%') AS owned,
+       (SELECT string_agg(m.rolname, ', ') FROM pg_catalog.pg_roles m
+         WHERE m.oid <> r.oid AND pg_catalog.pg_has_role(r.oid, m.oid, 'MEMBER')
+           AND (m.rolsuper OR m.rolbypassrls OR EXISTS (
+                 SELECT 1 FROM pg_catalog.pg_class c2 WHERE c2.relowner = m.oid
+                   AND c2.relnamespace NOT IN (SELECT oid FROM pg_catalog.pg_namespace
+                                               WHERE nspname IN ('pg_catalog', 'information_schema'))
+                   AND c2.relkind IN ('r', 'p')))) AS escalations
+FROM pg_catalog.pg_roles r
+WHERE r.rolname = current_user
+"""
+
+
+def check_runtime_role(dbapi_connection: Any) -> None:
+    """Raise :class:`UnsafeRuntimeRoleError` unless the connection's role is bound by RLS."""
+    with dbapi_connection.cursor() as cur:
+        cur.execute(_ROLE_CHECK)
+        name, is_super, bypass, owned, escalations = cur.fetchone()
+    dbapi_connection.rollback()
+    problems = []
+    if is_super:
+        problems.append("is a superuser")
+    if bypass:
+        problems.append("has BYPASSRLS")
+    if owned:
+        problems.append(f"owns {owned} table(s) or view(s)")
+    if escalations:
+        problems.append(f"is a member of {escalations}, which can bypass RLS")
+    if problems:
+        raise UnsafeRuntimeRoleError(
+            f"refusing to use role {name!r} for the application: it {', '.join(problems)}. "
+            "Row-Level Security would not bind it. Connect as the runtime role (rtv_app) instead."
+        )
+
+
+def connect_error(url: str, exc: BaseException) -> DatabaseConnectionError:
+    """A :class:`DatabaseConnectionError` naming host and database; the password never appears."""
+    orig = getattr(exc, "orig", None) or exc
+    reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    password = make_url(url).password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return DatabaseConnectionError(f"cannot connect to {describe_target(url)}: {reason}")
+
+
+def _install(engine: Engine, url: str, *, check_role: bool) -> None:
+    from .tenant._transaction import install_context_hooks
+
+    if check_role:
+        @event.listens_for(engine, "connect")
+        def _guard(dbapi_connection: Any, _record: Any) -> None:
+            check_runtime_role(getattr(dbapi_connection, "driver_connection", None) or dbapi_connection)
+
+    @event.listens_for(engine, "handle_error")
+    def _connect_failed(context: Any) -> None:
+        # Only failures to *open* a connection are translated; query errors pass through.
+        if context.connection is None and not context.is_pre_ping and isinstance(
+            context.original_exception, Exception
+        ) and context.sqlalchemy_exception is not None and isinstance(context.sqlalchemy_exception, DBAPIError):
+            if type(context.original_exception).__name__ == "OperationalError":
+                raise connect_error(url, context.original_exception) from context.original_exception
+
+    install_context_hooks(engine)
+
+
+class Database:
+    """The application's handle on PostgreSQL: a pooled engine on the runtime role.
+
+    ``check_role=False`` is for the system scope and for tests of the guard itself.
+    """
+
+    def __init__(self, url: str, *, options: EngineOptions | None = None, check_role: bool = True, **engine_kwargs: Any) -> None:
+        self.url = to_sqlalchemy_url(url)
+        self.options = options or EngineOptions()
+        kwargs = self.options.engine_kwargs() | engine_kwargs
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        _install(self.engine, self.url, check_role=check_role)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "Database":
+        """The runtime database of ``DATABASE_URL`` (or the embedded server)."""
+        from .targets import resolve_target
+
+        return cls(resolve_target(settings).runtime_url, **kwargs)
+
+    def test_connection(self) -> ConnectionInfo:
+        """Open a connection and run one query; raise :class:`DatabaseConnectionError` on failure."""
+        started = time.perf_counter()
+        try:
+            with self.engine.connect() as conn:
+                version, database, user = conn.execute(
+                    text("SELECT current_setting('server_version'), current_database(), current_user")
+                ).one()
+        except DatabaseConnectionError:
+            raise
+        except SQLAlchemyError as exc:
+            raise connect_error(self.url, exc) from exc
+        return ConnectionInfo(version, database, user, (time.perf_counter() - started) * 1000)
+
+    def get_pool_stats(self) -> PoolStats:
+        return _pool_stats(self.engine)
+
+    def close(self) -> None:
+        """Close every pooled connection. The object can be used again; it reconnects."""
+        self.engine.dispose()
+
+    close_connection = close
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncDatabase:
+    """The asyncio twin of :class:`Database`."""
+
+    def __init__(self, url: str, *, options: EngineOptions | None = None, check_role: bool = True, **engine_kwargs: Any) -> None:
+        self.url = to_sqlalchemy_url(url)
+        self.options = options or EngineOptions()
+        kwargs = self.options.engine_kwargs() | engine_kwargs
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        _install(self.engine.sync_engine, self.url, check_role=check_role)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "AsyncDatabase":
+        from .targets import resolve_target
+
+        return cls(resolve_target(settings).runtime_url, **kwargs)
+
+    async def test_connection(self) -> ConnectionInfo:
+        started = time.perf_counter()
+        try:
+            async with self.engine.connect() as conn:
+                version, database, user = (
+                    await conn.execute(text("SELECT current_setting('server_version'), current_database(), current_user"))
+                ).one()
+        except DatabaseConnectionError:
+            raise
+        except SQLAlchemyError as exc:
+            raise connect_error(self.url, exc) from exc
+        return ConnectionInfo(version, database, user, (time.perf_counter() - started) * 1000)
+
+    def get_pool_stats(self) -> PoolStats:
+        return _pool_stats(self.engine.sync_engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    close_connection = close
+
+    async def __aenter__(self) -> "AsyncDatabase":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _pool_stats(engine: Engine) -> PoolStats:
+    pool: Any = engine.pool
+    return PoolStats(
+        size=pool.size(),
+        checked_in=pool.checkedin(),
+        checked_out=pool.checkedout(),
+        overflow=max(pool.overflow(), 0),
+    )

@@ -1,0 +1,83 @@
+"""The exceptions rtv-db raises.
+
+Every error derives from :class:`RtvDbError`. Tenant errors derive from
+:class:`TenantError`; a caller that only wants to map "not yours / not found"
+to a 404 catches :class:`TenantAccessError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RtvDbError",
+    "ConfigurationError",
+    "DatabaseConnectionError",
+    "UnsafeRuntimeRoleError",
+    "ServerError",
+    "MigrationError",
+    "TenantError",
+    "InvalidTenantContextError",
+    "MissingTenantContextError",
+    "TenantAccessError",
+    "CrossTenantWriteError",
+    "UnscopedWriteError",
+    "InvalidInputError",
+]
+
+
+class RtvDbError(Exception):
+    """Base class of every error rtv-db raises."""
+
+
+class ConfigurationError(RtvDbError):
+    """Settings are missing or contradict each other."""
+
+
+class DatabaseConnectionError(RtvDbError):
+    """The database could not be reached. The message names host and database, never a password."""
+
+
+class UnsafeRuntimeRoleError(RtvDbError):
+    """The application connection would bypass Row-Level Security.
+
+    Raised when the runtime connection is a superuser, has BYPASSRLS, or owns a tenant table.
+    """
+
+
+class ServerError(RtvDbError):
+    """The embedded PostgreSQL server could not be started, found or stopped."""
+
+
+class MigrationError(RtvDbError):
+    """Migrating the schema failed."""
+
+
+class TenantError(RtvDbError):
+    """Base class of the tenant-isolation errors."""
+
+
+class InvalidTenantContextError(TenantError, ValueError):
+    """A tenant context value is malformed: not a UUID, an unknown lane, the wrong type."""
+
+
+class MissingTenantContextError(TenantError):
+    """A tenant-scoped operation was attempted with no tenant context. Nothing was sent."""
+
+
+class TenantAccessError(TenantError):
+    """The record does not exist for this tenant.
+
+    Deliberately the same for "not found" and "belongs to another tenant", so that the
+    caller cannot learn whether another tenant's row exists.
+    """
+
+
+class CrossTenantWriteError(TenantError):
+    """A write named a ``client_id`` (or a referenced row) of another tenant. Nothing was written."""
+
+
+class UnscopedWriteError(TenantError):
+    """An update or delete came without a condition. Nothing was written."""
+
+
+class InvalidInputError(RtvDbError, ValueError):
+    """Input that fails validation before reaching the database (unknown column, oversized value)."""

@@ -1,0 +1,218 @@
+"""SQLAlchemy models that mirror the migrations (a test proves autogenerate finds no difference).
+
+The migrations are the source of truth; these models are how Python code reads and writes the
+tables. Every tenant model inherits :class:`TenantModel`: ``client_id`` is part of its primary
+key, and relationships between tenant models join on ``client_id`` too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Base",
+    "TenantModel",
+    "Client",
+    "PlatformAccount",
+    "BrandKit",
+    "KnowledgeBase",
+    "KnowledgeChunk",
+    "PlatformAction",
+    "metadata",
+    "EMBEDDING_DIM",
+    "PLATFORMS",
+    "ACTION_STATUSES",
+    "tenant_tables",
+]
+
+EMBEDDING_DIM = 384
+PLATFORMS = ("instagram", "x", "linkedin", "tiktok", "facebook", "youtube", "threads")
+ACTION_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    # Foreign keys named as PostgreSQL names them, so autogenerate compares like with like.
+    metadata = MetaData(naming_convention={"fk": "%(table_name)s_%(column_0_name)s_fkey"})
+    type_annotation_map = {uuid.UUID: UUID(as_uuid=True), dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+metadata = Base.metadata
+
+
+def _uuid_pk() -> Any:
+    return mapped_column(UUID(as_uuid=True), server_default=func.gen_random_uuid(), sort_order=-1)
+
+
+def _created() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+def _updated() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
+
+
+class Client(Base):
+    """A tenant. Its ``id`` is every tenant row's ``client_id``."""
+
+    __tablename__ = "clients"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="clients_pkey"),
+        UniqueConstraint("slug", name="clients_slug_key"),
+    )
+    # The tenant predicate for this table is on ``id``.
+    __rtv_tenant_column__: ClassVar[str] = "id"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(Text)
+    slug: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class TenantModel(Base):
+    """Base of every model whose rows belong to one client."""
+
+    __abstract__ = True
+    __rtv_tenant_column__: ClassVar[str] = "client_id"
+
+    client_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("clients.id", ondelete="CASCADE"), sort_order=-2
+    )
+    id: Mapped[uuid.UUID] = _uuid_pk()
+
+
+class PlatformAccount(TenantModel):
+    __tablename__ = "platform_accounts"
+    __table_args__ = (
+        PrimaryKeyConstraint("client_id", "id", name="platform_accounts_pkey"),
+        UniqueConstraint("client_id", "platform", "handle", name="platform_accounts_client_id_platform_handle_key"),
+    )
+
+    platform: Mapped[str] = mapped_column(Text)
+    handle: Mapped[str] = mapped_column(Text)
+    display_name: Mapped[str | None] = mapped_column(Text)
+    lanes: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("ARRAY['api'::text]"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    actions: Mapped[list["PlatformAction"]] = relationship(back_populates="platform_account", passive_deletes=True)
+
+
+class BrandKit(TenantModel):
+    __tablename__ = "brand_kits"
+    __table_args__ = (
+        PrimaryKeyConstraint("client_id", "id", name="brand_kits_pkey"),
+        UniqueConstraint("client_id", "name", name="brand_kits_client_id_name_key"),
+    )
+
+    name: Mapped[str] = mapped_column(Text)
+    tone: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, server_default=text("""'{"voice": "neutral", "personality": []}'::jsonb""")
+    )
+    colors: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    logo_refs: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class KnowledgeBase(TenantModel):
+    __tablename__ = "knowledge_bases"
+    __table_args__ = (
+        PrimaryKeyConstraint("client_id", "id", name="knowledge_bases_pkey"),
+        UniqueConstraint("client_id", "name", name="knowledge_bases_client_id_name_key"),
+    )
+
+    name: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    chunks: Mapped[list["KnowledgeChunk"]] = relationship(back_populates="knowledge_base", passive_deletes=True)
+
+
+class KnowledgeChunk(TenantModel):
+    __tablename__ = "knowledge_chunks"
+    __table_args__ = (
+        PrimaryKeyConstraint("client_id", "id", name="knowledge_chunks_pkey"),
+        ForeignKeyConstraint(
+            ["client_id", "knowledge_base_id"],
+            ["knowledge_bases.client_id", "knowledge_bases.id"],
+            name="knowledge_chunks_knowledge_base_fkey",
+            ondelete="CASCADE",
+        ),
+        Index("knowledge_chunks_client_id_knowledge_base_id_idx", "client_id", "knowledge_base_id"),
+        Index(
+            "knowledge_chunks_embedding_idx",
+            "embedding",
+            postgresql_using="hnsw",
+            postgresql_ops={"embedding": "vector_cosine_ops"},
+        ),
+    )
+
+    # Only the composite foreign key: the column-level one to clients belongs to other tables.
+    client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), sort_order=-2)
+    knowledge_base_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    content: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    created_at: Mapped[datetime] = _created()
+
+    knowledge_base: Mapped[KnowledgeBase] = relationship(back_populates="chunks")
+
+
+class PlatformAction(TenantModel):
+    __tablename__ = "platform_actions"
+    __table_args__ = (
+        PrimaryKeyConstraint("client_id", "id", name="platform_actions_pkey"),
+        ForeignKeyConstraint(
+            ["client_id", "platform_account_id"],
+            ["platform_accounts.client_id", "platform_accounts.id"],
+            name="platform_actions_platform_account_fkey",
+            ondelete="CASCADE",
+        ),
+        Index(
+            "platform_actions_client_id_account_status_idx",
+            "client_id",
+            "platform_account_id",
+            "status",
+            "scheduled_at",
+        ),
+    )
+
+    client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), sort_order=-2)
+    platform_account_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    kind: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    lane: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'pending'::text"))
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    platform_account: Mapped[PlatformAccount] = relationship(back_populates="actions")
+
+
+def tenant_tables() -> list[str]:
+    """Names of the tables whose rows belong to one tenant (``clients`` included)."""
+    return [mapper.local_table.name for mapper in Base.registry.mappers if hasattr(mapper.class_, "__rtv_tenant_column__")]

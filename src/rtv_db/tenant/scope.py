@@ -1,0 +1,233 @@
+"""The tenant-scoped API: ``with_tenant_scope(db, tenant_id)`` and its async twin.
+
+A scope is a :class:`TenantContext` bound to a database. Each ``scoped_*`` call runs in its own
+transaction unless it is made on the handle ``scoped_transaction()`` yields, where all calls
+share one. Either way the context is set in the database (``SET LOCAL``) for that transaction
+only, and every statement carries the literal ``client_id`` predicate as well.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Connection, Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+
+from ..connection import AsyncDatabase, Database
+from .context import Lane, TenantContext, use_tenant_context
+from ._statements import TableLike, build_delete, build_insert, build_select, build_update, resolve_table
+from ._transaction import CONTEXT_OPTION
+
+__all__ = ["TenantScope", "AsyncTenantScope", "with_tenant_scope", "TenantScopedDb"]
+
+_DB = TypeVar("_DB", Database, AsyncDatabase)
+
+
+class _ScopeBase(Generic[_DB]):
+    def __init__(self, db: _DB, context: TenantContext) -> None:
+        if not isinstance(context, TenantContext):
+            raise TypeError("context must be a TenantContext")
+        self.db = db
+        self.context = context
+
+    @property
+    def tenant_id(self) -> uuid.UUID:
+        return self.context.tenant_id
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tenant_id={self.context.tenant_id}, lane={self.context.lane!r})"
+
+
+class TenantScope(_ScopeBase[Database]):
+    """Scoped reads and writes for one tenant, on a :class:`~rtv_db.Database`.
+
+    ``_conn`` is set on the handle that ``scoped_transaction`` yields; then every call uses it.
+    """
+
+    def __init__(self, db: Database, context: TenantContext, _conn: Connection | None = None) -> None:
+        super().__init__(db, context)
+        self._conn = _conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        if self._conn is not None:
+            yield self._conn
+            return
+        with use_tenant_context(self.context), self.db.engine.connect() as conn:
+            conn = conn.execution_options(**{CONTEXT_OPTION: self.context})
+            with conn.begin():
+                yield conn
+
+    def scoped_query(self, table: TableLike, *where: ColumnElement[bool], order_by: Sequence[Any] = (),
+                     limit: int | None = None) -> list[Row[Any]]:
+        """Rows of ``table`` that belong to this tenant and match ``where``."""
+        stmt = build_select(resolve_table(table), self.context, where, order_by=order_by, limit=limit)
+        with self._connection() as conn:
+            return list(conn.execute(stmt))
+
+    def scoped_get(self, table: TableLike, id: uuid.UUID | str) -> Row[Any] | None:
+        """One row by id, or None (also when the id belongs to another tenant)."""
+        resolved = resolve_table(table)
+        rows = self.scoped_query(resolved, resolved.c.id == _as_uuid(id), limit=1)
+        return rows[0] if rows else None
+
+    def scoped_insert(self, table: TableLike, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Row[Any]]:
+        """Insert one row (a mapping) or many; ``client_id`` is set from the scope."""
+        stmt, rows = build_insert(resolve_table(table), self.context, values)
+        with self._connection() as conn:
+            return list(conn.execute(stmt, rows)) if len(rows) > 1 else list(conn.execute(stmt.values(rows[0])))
+
+    def scoped_update(self, table: TableLike, values: Mapping[str, Any], *where: ColumnElement[bool]) -> list[Row[Any]]:
+        """Update this tenant's rows matching ``where`` (required); return the updated rows."""
+        stmt = build_update(resolve_table(table), self.context, values, where)
+        with self._connection() as conn:
+            return list(conn.execute(stmt))
+
+    def scoped_delete(self, table: TableLike, *where: ColumnElement[bool]) -> list[Row[Any]]:
+        """Delete this tenant's rows matching ``where`` (required); return the deleted rows."""
+        stmt = build_delete(resolve_table(table), self.context, where)
+        with self._connection() as conn:
+            return list(conn.execute(stmt))
+
+    @contextmanager
+    def scoped_transaction(self) -> Iterator["TenantScope"]:
+        """One transaction for several calls: commits on success, rolls back on any exception.
+
+        The handle it yields has the same methods, plus ``connection`` for raw SQL (still bound
+        by RLS to this tenant) and ``session()`` for the ORM.
+        """
+        if self._conn is not None:  # already inside one: a savepoint
+            with self._conn.begin_nested():
+                yield self
+            return
+        with use_tenant_context(self.context), self.db.engine.connect() as conn:
+            conn = conn.execution_options(**{CONTEXT_OPTION: self.context})
+            with conn.begin():
+                yield TenantScope(self.db, self.context, conn)
+
+    @property
+    def connection(self) -> Connection:
+        """The transaction's connection (only inside ``scoped_transaction``)."""
+        if self._conn is None:
+            raise RuntimeError("connection is only available inside scoped_transaction()")
+        return self._conn
+
+    def session(self, **kwargs: Any) -> Session:
+        """An ORM session for this tenant (joined to the transaction inside ``scoped_transaction``)."""
+        from .orm import tenant_session
+
+        if self._conn is not None:
+            return tenant_session(self._conn, self.context, join_transaction_mode="create_savepoint", **kwargs)
+        return tenant_session(self.db, self.context, **kwargs)
+
+
+class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
+    """The asyncio twin of :class:`TenantScope`, on an :class:`~rtv_db.AsyncDatabase`."""
+
+    def __init__(self, db: AsyncDatabase, context: TenantContext, _conn: AsyncConnection | None = None) -> None:
+        super().__init__(db, context)
+        self._conn = _conn
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        if self._conn is not None:
+            yield self._conn
+            return
+        with use_tenant_context(self.context):
+            async with self.db.engine.connect() as conn:
+                conn = await conn.execution_options(**{CONTEXT_OPTION: self.context})
+                async with conn.begin():
+                    yield conn
+
+    async def scoped_query(self, table: TableLike, *where: ColumnElement[bool], order_by: Sequence[Any] = (),
+                           limit: int | None = None) -> list[Row[Any]]:
+        stmt = build_select(resolve_table(table), self.context, where, order_by=order_by, limit=limit)
+        async with self._connection() as conn:
+            return list(await conn.execute(stmt))
+
+    async def scoped_get(self, table: TableLike, id: uuid.UUID | str) -> Row[Any] | None:
+        resolved = resolve_table(table)
+        rows = await self.scoped_query(resolved, resolved.c.id == _as_uuid(id), limit=1)
+        return rows[0] if rows else None
+
+    async def scoped_insert(self, table: TableLike, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Row[Any]]:
+        stmt, rows = build_insert(resolve_table(table), self.context, values)
+        async with self._connection() as conn:
+            result = await conn.execute(stmt, rows) if len(rows) > 1 else await conn.execute(stmt.values(rows[0]))
+            return list(result)
+
+    async def scoped_update(self, table: TableLike, values: Mapping[str, Any], *where: ColumnElement[bool]) -> list[Row[Any]]:
+        stmt = build_update(resolve_table(table), self.context, values, where)
+        async with self._connection() as conn:
+            return list(await conn.execute(stmt))
+
+    async def scoped_delete(self, table: TableLike, *where: ColumnElement[bool]) -> list[Row[Any]]:
+        stmt = build_delete(resolve_table(table), self.context, where)
+        async with self._connection() as conn:
+            return list(await conn.execute(stmt))
+
+    @asynccontextmanager
+    async def scoped_transaction(self) -> AsyncIterator["AsyncTenantScope"]:
+        if self._conn is not None:
+            async with self._conn.begin_nested():
+                yield self
+            return
+        with use_tenant_context(self.context):
+            async with self.db.engine.connect() as conn:
+                conn = await conn.execution_options(**{CONTEXT_OPTION: self.context})
+                async with conn.begin():
+                    yield AsyncTenantScope(self.db, self.context, conn)
+
+    @property
+    def connection(self) -> AsyncConnection:
+        if self._conn is None:
+            raise RuntimeError("connection is only available inside scoped_transaction()")
+        return self._conn
+
+    def session(self, **kwargs: Any) -> AsyncSession:
+        from .orm import async_tenant_session
+
+        if self._conn is not None:
+            return async_tenant_session(self._conn, self.context, join_transaction_mode="create_savepoint", **kwargs)
+        return async_tenant_session(self.db, self.context, **kwargs)
+
+
+def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    from .context import parse_uuid
+
+    parsed = parse_uuid(value, "id")
+    assert parsed is not None
+    return parsed
+
+
+def with_tenant_scope(
+    db: Database | AsyncDatabase,
+    tenant_id: uuid.UUID | str | TenantContext,
+    *,
+    platform_account_id: uuid.UUID | str | None = None,
+    lane: Lane = "api",
+    user_id: str | None = None,
+    correlation_id: str | None = None,
+) -> Any:
+    """A scoped handle for one tenant: :class:`TenantScope`, or :class:`AsyncTenantScope` for an AsyncDatabase.
+
+    ``tenant_id`` may also be a ready :class:`TenantContext`. A malformed id or lane raises
+    :class:`~rtv_db.InvalidTenantContextError` here, before anything reaches the database.
+    """
+    if isinstance(tenant_id, TenantContext):
+        context = tenant_id
+    else:
+        extra = {"correlation_id": correlation_id} if correlation_id else {}
+        context = TenantContext(tenant_id, platform_account_id, lane, user_id, **extra)  # type: ignore[arg-type]
+    if isinstance(db, AsyncDatabase):
+        return AsyncTenantScope(db, context)
+    if isinstance(db, Database):
+        return TenantScope(db, context)
+    raise TypeError(f"with_tenant_scope needs a Database or AsyncDatabase, not {type(db).__name__}")
+
+
+TenantScopedDb = TenantScope
