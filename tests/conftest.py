@@ -1,0 +1,156 @@
+"""Test fixtures: one embedded server per run, one fresh migrated database per test.
+
+The server is the embedded one in a temporary folder, stopped and deleted at the end of the run
+(no server is left behind). ``RTV_DB_TEST_ADMIN_URL`` points the suite at another server
+instead (a superuser URL; the suite creates and drops its own databases there).
+
+Each test that asks for ``target`` gets its own database, cloned from a template migrated once
+per run, so tests never see each other's rows. Isolation tests use ``db`` (the runtime role);
+setup uses ``system`` (the system scope) or ``admin_conn``, never the code under test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from rtv_db import Database, SystemScope, migrate
+from rtv_db.config import Settings, to_libpq_url, to_sqlalchemy_url
+from rtv_db.schema import brand_kits, clients
+from rtv_db.server import EmbeddedServer
+from rtv_db.targets import Target
+
+TEMPLATE = "rtv_test_template"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A PostgreSQL server the tests may create databases on."""
+
+    admin_url: str  # superuser, database "postgres"
+    settings: Settings
+
+    def url_for(self, database: str) -> str:
+        return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
+
+    def target(self, database: str) -> Target:
+        admin = self.url_for(database)
+        return Target(admin, self.settings.derived_runtime_url(admin), self.settings.derived_system_url(admin), self.settings)
+
+    def execute(self, statement: sql.Composable | str) -> None:
+        with psycopg.connect(to_libpq_url(self.admin_url), autocommit=True) as conn:
+            conn.execute(statement)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    settings = Settings(admin_url=None, runtime_url=None)
+    external = os.environ.get("RTV_DB_TEST_ADMIN_URL")
+    if external:
+        yield Cluster(make_url(to_sqlalchemy_url(external)).set(database="postgres").render_as_string(hide_password=False), settings)
+        return
+    data_dir: Path = tmp_path_factory.mktemp("rtv-db-server")
+    server = EmbeddedServer(data_dir, database="postgres")
+    server.start()
+    try:
+        yield Cluster(to_sqlalchemy_url(server.url("postgres")), Settings(data_dir=data_dir))
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _drop(cluster: Cluster, name: str) -> None:
+    cluster.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def template(cluster: Cluster) -> Iterator[str]:
+    _drop(cluster, TEMPLATE)
+    cluster.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    migrate(cluster.url_for(TEMPLATE), cluster.settings)
+    yield TEMPLATE
+    _drop(cluster, TEMPLATE)
+
+
+@pytest.fixture()
+def empty_target(cluster: Cluster) -> Iterator[Target]:
+    """A new database with nothing in it (for migration tests)."""
+    name = f"rtv_test_{uuid.uuid4().hex[:12]}"
+    cluster.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield cluster.target(name)
+    finally:
+        _drop(cluster, name)
+
+
+@pytest.fixture()
+def target(cluster: Cluster, template: str) -> Iterator[Target]:
+    """A fresh, migrated database of this test's own."""
+    name = f"rtv_test_{uuid.uuid4().hex[:12]}"
+    cluster.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+    try:
+        t = cluster.target(name)
+        migrate(t.require_admin(), cluster.settings)  # database-level grants are not copied from a template
+        yield t
+    finally:
+        _drop(cluster, name)
+
+
+@pytest.fixture()
+def db(target: Target) -> Iterator[Database]:
+    """The application's database handle: the runtime role, bound by RLS."""
+    database = Database(target.runtime_url)
+    yield database
+    database.close()
+
+
+@pytest.fixture()
+def system(target: Target) -> Iterator[SystemScope]:
+    """The cross-tenant system scope, for test setup."""
+    scope = SystemScope(target.system_url, reason="test setup")  # type: ignore[arg-type]
+    yield scope
+    scope.close()
+
+
+@pytest.fixture()
+def admin_conn(target: Target) -> Iterator[psycopg.Connection]:
+    """A superuser psycopg connection to the test database, for catalog checks and setup only."""
+    with psycopg.connect(to_libpq_url(target.require_admin()), autocommit=True) as conn:
+        yield conn
+
+
+@dataclass(frozen=True)
+class Tenants:
+    a: uuid.UUID
+    b: uuid.UUID
+
+
+def make_tenants(system: SystemScope, *names: str) -> list[uuid.UUID]:
+    """Create tenants (one brand kit each, named "Brand <name>") through the system scope."""
+    ids = [uuid.uuid4() for _ in names]
+    with system.transaction() as conn:
+        conn.execute(clients.insert(), [
+            {"id": tid, "name": f"Client {n}", "slug": f"client-{n.lower()}-{tid.hex[:8]}"} for tid, n in zip(ids, names)
+        ])
+        conn.execute(brand_kits.insert(), [
+            {"client_id": tid, "name": f"Brand {n}", "tone": {"voice": "professional" if i == 0 else "casual", "personality": []},
+             "colors": {"primary": "#ff0000"}, "logo_refs": []}
+            for i, (tid, n) in enumerate(zip(ids, names))
+        ])
+    return ids
+
+
+@pytest.fixture()
+def tenants(system: SystemScope) -> Tenants:
+    """The spec's setup: Client A and Client B, each with one brand kit."""
+    a, b = make_tenants(system, "A", "B")
+    return Tenants(a, b)
