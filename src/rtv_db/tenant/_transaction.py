@@ -36,18 +36,20 @@ class _System:
 SYSTEM: Final = _System()
 
 # Bind parameters, never literals: the values do not show in pg_stat_activity or the logs.
-_SET_CONTEXT = "SELECT rtv.set_tenant_context(%s::uuid, %s::uuid, %s::text)"
+_SET_CONTEXT = "SELECT rtv.set_tenant_context(%s::uuid, %s::uuid, %s::text, %s::text, %s::text)"
 
 
 def context_sql() -> str:
     return _SET_CONTEXT
 
 
-def context_params(ctx: TenantContext) -> tuple[str, str | None, str]:
+def context_params(ctx: TenantContext) -> tuple[str, str | None, str, str | None, str]:
     return (
         str(ctx.tenant_id),
         str(ctx.platform_account_id) if ctx.platform_account_id else None,
         ctx.lane,
+        ctx.user_id,
+        ctx.correlation_id,
     )
 
 

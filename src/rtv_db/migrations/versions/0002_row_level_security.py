@@ -53,14 +53,25 @@ def upgrade() -> None:
         FROM current_setting('app.current_lane', true) AS lane
     $$;
 
+    CREATE FUNCTION rtv.current_user_id() RETURNS text
+        LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$ SELECT NULLIF(current_setting('app.current_user_id', true), '') $$;
+
+    CREATE FUNCTION rtv.current_correlation_id() RETURNS text
+        LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$ SELECT NULLIF(current_setting('app.correlation_id', true), '') $$;
+
     -- Setting the context --------------------------------------------------------------------
 
     -- Transaction-local (SET LOCAL), validating, one call for all three dimensions.
     -- No SET clause on this function: a function-level SET would undo the SET LOCAL on return.
+    -- user_id and correlation_id are not isolation: they label audit events.
     CREATE FUNCTION rtv.set_tenant_context(
         tenant_id uuid,
         platform_account_id uuid DEFAULT NULL,
-        lane text DEFAULT NULL
+        lane text DEFAULT NULL,
+        user_id text DEFAULT NULL,
+        correlation_id text DEFAULT NULL
     ) RETURNS void
         LANGUAGE plpgsql VOLATILE
     AS $$
@@ -77,6 +88,8 @@ def upgrade() -> None:
         EXECUTE pg_catalog.format('SET LOCAL app.current_platform_account_id = %L',
                                   COALESCE(platform_account_id::text, ''));
         EXECUTE pg_catalog.format('SET LOCAL app.current_lane = %L', COALESCE(lane, ''));
+        EXECUTE pg_catalog.format('SET LOCAL app.current_user_id = %L', COALESCE(user_id, ''));
+        EXECUTE pg_catalog.format('SET LOCAL app.correlation_id = %L', COALESCE(correlation_id, ''));
     END
     $$;
 
@@ -87,6 +100,8 @@ def upgrade() -> None:
         SET LOCAL app.current_tenant_id = '';
         SET LOCAL app.current_platform_account_id = '';
         SET LOCAL app.current_lane = '';
+        SET LOCAL app.current_user_id = '';
+        SET LOCAL app.correlation_id = '';
     END
     $$;
 
@@ -164,7 +179,9 @@ def downgrade() -> None:
     ALTER TABLE clients NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY;
     DROP FUNCTION rtv.get_current_tenant();
     DROP FUNCTION rtv.clear_tenant_context();
-    DROP FUNCTION rtv.set_tenant_context(uuid, uuid, text);
+    DROP FUNCTION rtv.set_tenant_context(uuid, uuid, text, text, text);
+    DROP FUNCTION rtv.current_correlation_id();
+    DROP FUNCTION rtv.current_user_id();
     DROP FUNCTION rtv.current_lane();
     DROP FUNCTION rtv.current_platform_account_id();
     DROP FUNCTION rtv.current_tenant_id();
