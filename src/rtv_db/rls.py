@@ -34,7 +34,7 @@ def set_tenant_context(conn: Connection, tenant_id: uuid.UUID | str, platform_ac
         conn.begin()
     conn.execute(
         text("SELECT rtv.set_tenant_context(CAST(:t AS uuid), CAST(:p AS uuid), CAST(:l AS text), CAST(:u AS text), CAST(:c AS text))"),
-        dict(zip("tplua", context_params(ctx))),
+        dict(zip("tpluc", context_params(ctx))),
     )
     return ctx
 
