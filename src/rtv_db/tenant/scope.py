@@ -117,11 +117,15 @@ class TenantScope(_ScopeBase[Database]):
         return self._conn
 
     def session(self, **kwargs: Any) -> Session:
-        """An ORM session for this tenant (joined to the transaction inside ``scoped_transaction``)."""
+        """An ORM session for this tenant.
+
+        Inside ``scoped_transaction`` it joins that transaction: its ``commit()`` only flushes,
+        and the scope's transaction decides; its ``rollback()`` rolls the whole transaction back.
+        """
         from .orm import tenant_session
 
         if self._conn is not None:
-            return tenant_session(self._conn, self.context, join_transaction_mode="create_savepoint", **kwargs)
+            return tenant_session(self._conn, self.context, join_transaction_mode="rollback_only", **kwargs)
         return tenant_session(self.db, self.context, **kwargs)
 
 
@@ -192,7 +196,7 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
         from .orm import async_tenant_session
 
         if self._conn is not None:
-            return async_tenant_session(self._conn, self.context, join_transaction_mode="create_savepoint", **kwargs)
+            return async_tenant_session(self._conn, self.context, join_transaction_mode="rollback_only", **kwargs)
         return async_tenant_session(self.db, self.context, **kwargs)
 
 
