@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,13 +53,15 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster() -> Iterator[Cluster]:
     settings = Settings(admin_url=None, runtime_url=None)
     external = os.environ.get("RTV_DB_TEST_ADMIN_URL")
     if external:
         yield Cluster(make_url(to_sqlalchemy_url(external)).set(database="postgres").render_as_string(hide_password=False), settings)
         return
-    data_dir: Path = tmp_path_factory.mktemp("rtv-db-server")
+    # Not under pytest's tmp_path: pytest deletes old numbered tmp folders when another pytest
+    # process starts, which would pull the data directory from under a running server.
+    data_dir = Path(tempfile.mkdtemp(prefix="rtv-db-test-server-"))
     server = EmbeddedServer(data_dir, database="postgres")
     server.start()
     try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -28,9 +30,12 @@ def _postgres_processes(pgdata: Path) -> list[psutil.Process]:
 
 
 @pytest.fixture()
-def data_dir(tmp_path: Path):
-    yield tmp_path
-    EmbeddedServer(tmp_path).stop()
+def data_dir():
+    # Outside pytest's tmp_path, which a concurrently starting pytest may delete.
+    path = Path(tempfile.mkdtemp(prefix="rtv-db-test-"))
+    yield path
+    EmbeddedServer(path).stop()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_start_is_idempotent_and_stop_stops(data_dir):
