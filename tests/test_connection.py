@@ -131,3 +131,15 @@ def test_statement_timeout_is_set_on_runtime_connections(db):
 def test_libpq_url_round_trip(target):
     with psycopg.connect(to_libpq_url(target.runtime_url)) as conn:
         assert conn.execute("select current_user").fetchone()[0] == "rtv_app"
+
+
+def test_module_level_helpers_use_database_url(target, monkeypatch):
+    import rtv_db.connection as connection
+
+    monkeypatch.setenv("DATABASE_URL", target.runtime_url)
+    monkeypatch.setattr(connection, "_default", None)
+    assert connection.test_connection().user == "rtv_app"
+    assert connection.get_pool_stats().checked_in == 1
+    connection.close_connection()
+    assert connection.get_pool_stats().checked_in == 0
+    connection.close_connection()

@@ -12,7 +12,18 @@ top denies by default.
 """
 
 from .config import Settings
-from .connection import AsyncDatabase, ConnectionInfo, Database, EngineOptions, PoolStats, check_runtime_role
+from .connection import (
+    AsyncDatabase,
+    ConnectionInfo,
+    Database,
+    EngineOptions,
+    PoolStats,
+    check_runtime_role,
+    close_connection,
+    get_database,
+    get_pool_stats,
+    test_connection,
+)
 from .errors import (
     ConfigurationError,
     CrossTenantWriteError,
@@ -72,6 +83,10 @@ __all__ = [
     "PoolStats",
     "ConnectionInfo",
     "check_runtime_role",
+    "get_database",
+    "test_connection",
+    "get_pool_stats",
+    "close_connection",
     "Settings",
     "Target",
     "resolve_target",

@@ -28,6 +28,10 @@ __all__ = [
     "ConnectionInfo",
     "EngineOptions",
     "check_runtime_role",
+    "get_database",
+    "test_connection",
+    "get_pool_stats",
+    "close_connection",
 ]
 
 
@@ -269,3 +273,35 @@ def _pool_stats(engine: Engine) -> PoolStats:
         checked_out=pool.checkedout(),
         overflow=max(pool.overflow(), 0),
     )
+
+
+# -- the spec's module-level helpers, on a default database -------------------------------------
+
+_default: Database | None = None
+
+
+def get_database() -> Database:
+    """The process-wide default :class:`Database` (``DATABASE_URL``, else the embedded server)."""
+    global _default
+    if _default is None:
+        _default = Database.from_settings()
+    return _default
+
+
+def test_connection() -> ConnectionInfo:
+    """``get_database().test_connection()``."""
+    return get_database().test_connection()
+
+
+def get_pool_stats() -> PoolStats:
+    """``get_database().get_pool_stats()``."""
+    return get_database().get_pool_stats()
+
+
+def close_connection() -> None:
+    """Close the default database's pool (it reconnects on next use)."""
+    if _default is not None:
+        _default.close()
+
+
+test_connection.__test__ = False  # type: ignore[attr-defined]  # not a pytest test

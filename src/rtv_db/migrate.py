@@ -99,7 +99,11 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
     url = to_sqlalchemy_url(admin_url)
     engine = create_engine(url, poolclass=NullPool)
     try:
-        with engine.begin() as conn:
+        try:
+            connection = engine.connect()
+        except SQLAlchemyError as exc:
+            raise connect_error(url, exc) from exc
+        with connection as conn, conn.begin():
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             before = _revision(conn)
             if action == "upgrade":
@@ -112,9 +116,7 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 command.downgrade(cfg, revision)
             after = _revision(conn)
     except SQLAlchemyError as exc:
-        if getattr(exc, "connection_invalidated", False) or "connection" in type(exc.orig).__name__.lower():
-            raise connect_error(url, exc) from exc
-        raise MigrationError(f"{action} to {revision} failed on {redact_url(url)}: {exc.orig or exc}") from exc
+        raise MigrationError(f"{action} to {revision} failed on {redact_url(url)}: {getattr(exc, 'orig', None) or exc}") from exc
     finally:
         engine.dispose()
     _log.info("%s %s -> %s", action, before, after)
