@@ -92,6 +92,8 @@ class ConnectionInfo:
     latency_ms: float
 
 
+_PROBE = text("SELECT current_setting('server_version'), current_database(), current_user")
+
 # -- the runtime-role guard -------------------------------------------------------------------
 
 _ROLE_CHECK = """
@@ -196,14 +198,10 @@ class Database:
         started = time.perf_counter()
         try:
             with self.engine.connect() as conn:
-                version, database, user = conn.execute(
-                    text("SELECT current_setting('server_version'), current_database(), current_user")
-                ).one()
-        except DatabaseConnectionError:
-            raise
+                row = conn.execute(_PROBE).one()
         except SQLAlchemyError as exc:
             raise connect_error(self.url, exc) from exc
-        return ConnectionInfo(version, database, user, (time.perf_counter() - started) * 1000)
+        return ConnectionInfo(*row, latency_ms=(time.perf_counter() - started) * 1000)
 
     def get_pool_stats(self) -> PoolStats:
         return _pool_stats(self.engine)
@@ -241,14 +239,10 @@ class AsyncDatabase:
         started = time.perf_counter()
         try:
             async with self.engine.connect() as conn:
-                version, database, user = (
-                    await conn.execute(text("SELECT current_setting('server_version'), current_database(), current_user"))
-                ).one()
-        except DatabaseConnectionError:
-            raise
+                row = (await conn.execute(_PROBE)).one()
         except SQLAlchemyError as exc:
             raise connect_error(self.url, exc) from exc
-        return ConnectionInfo(version, database, user, (time.perf_counter() - started) * 1000)
+        return ConnectionInfo(*row, latency_ms=(time.perf_counter() - started) * 1000)
 
     def get_pool_stats(self) -> PoolStats:
         return _pool_stats(self.engine.sync_engine)
