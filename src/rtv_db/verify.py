@@ -271,13 +271,13 @@ def check_policy_always_true(conn: Connection, config: VerifyConfig) -> Iterator
 
 
 # A call, optionally schema-qualified, and whether "(SELECT " comes right before it.
-_PER_ROW_TEMPLATE = r"(?P<pre>\(\s*SELECT\s+)?(?<![\w.])(?P<name>(?:\w+\.)?{name})\s*\("
+_PER_ROW_TEMPLATE = r"(?P<pre>\(\s*SELECT\s+(?:\(\s*)*)?(?<![\w.])(?P<name>(?:\w+\.)?{name})\s*\("
 
 
 @register_check
 def check_policy_per_row_context(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
     """Context functions in policies must be wrapped in a scalar subselect (evaluated once)."""
-    setting = re.compile(r"(?P<pre>\(\s*SELECT\s+)?(?<![\w.])(?P<name>(?:pg_catalog\.)?current_setting)\s*\(\s*'app\.")
+    setting = re.compile(r"(?P<pre>\(\s*SELECT\s+(?:\(\s*)*)?(?<![\w.])(?P<name>(?:pg_catalog\.)?current_setting)\s*\(\s*'app\.")
     patterns = [re.compile(_PER_ROW_TEMPLATE.format(name=re.escape(f)), re.IGNORECASE) for f in config.context_functions]
     for t in tenant_tables(conn, config):
         for name, _cmd, _perm, _roles, qual, check in _policies(conn, t.oid):
