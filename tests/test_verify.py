@@ -124,6 +124,12 @@ TABLE_CASES = {
                                       {"POLICY_ALWAYS_TRUE"}),
     "INSERT policy without check": ("CREATE POLICY leak ON notes FOR INSERT WITH CHECK (1 = 1)",
                                     {"POLICY_ALWAYS_TRUE"}),
+    "an untenanted policy for another role only": (
+        "CREATE POLICY maintenance ON notes FOR SELECT TO rtv_owner USING (body IS NOT NULL)", set()),
+    "an untenanted policy for PUBLIC": ("CREATE POLICY leak ON notes FOR SELECT TO PUBLIC USING (body IS NOT NULL)",
+                                        {"POLICY_ALWAYS_TRUE"}),
+    "an untenanted policy for the runtime role": ("CREATE POLICY leak ON notes FOR DELETE TO rtv_app USING (true)",
+                                                  {"POLICY_ALWAYS_TRUE"}),
     "a restrictive always-true policy is harmless": ("CREATE POLICY narrow ON notes AS RESTRICTIVE USING (true)",
                                                      set()),
     "context function per row": (

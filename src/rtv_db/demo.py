@@ -205,64 +205,96 @@ def _show_writes(console: Console, db: Database) -> str:
                      f"[green]{deleted} rows deleted[/]" if deleted == 0 else f"[red]{deleted} rows deleted[/]")
     console.print(attempts)
 
-    # One legitimate write, so the audit trail has something to show.
+    # One legitimate unit of work, so the audit trail has something to show: a new action (the
+    # previous run's one is removed, so repeated demos do not pile up rows) and a brand kit edit.
     scope = _scope(db, "acme", user_id="demo-user", correlation_id=correlation_id)
+    demo_run = platform_actions.c.payload["demo_run"].as_boolean().is_(True)
     with scope.scoped_transaction() as tx:
-        tx.scoped_insert(platform_actions, {"kind": "publish_post", "payload": {"text": "Fresh roast today!"},
-                                            "status": "pending"})
-        tx.scoped_update(brand_kits, {"colors": dict(acme.colors) | {"accent": "#D35400"}},
-                         brand_kits.c.name == acme.brand_kits[0])
-    console.print(f"acme, legitimately: 1 platform action inserted, 1 brand kit updated "
-                  f"(correlation id [cyan]{correlation_id}[/])", highlight=False)
+        removed = len(tx.scoped_delete(platform_actions, demo_run))
+        tx.scoped_insert(platform_actions, {"kind": "publish_post", "status": "pending",
+                                            "payload": {"text": "Fresh roast today!", "demo_run": True}})
+        kit = brand_kits.c.name == acme.brand_kits[0]
+        (current,) = tx.scoped_query(brand_kits, kit)
+        accent = "#D35400" if current.colors.get("accent") != "#D35400" else acme.colors["accent"]
+        tx.scoped_update(brand_kits, {"colors": dict(current.colors) | {"accent": accent}}, kit)
+    console.print(f"acme, legitimately, in one transaction: {removed} earlier demo action(s) deleted, 1 inserted, "
+                  f"brand kit accent set to {accent} (correlation id [cyan]{correlation_id}[/])", highlight=False)
     return correlation_id
 
 
-# Column names an audit table may use, in order of preference, per thing shown.
+# Column names an audit table may use, in order of preference, per thing shown (the fallback
+# reader, for a build whose rtv_db.audit module is missing or different).
 _AUDIT_COLUMNS: dict[str, Sequence[str]] = {
     "time": ("occurred_at", "created_at", "at", "event_time"),
     "action": ("action", "operation", "op"),
     "table": ("table_name", "resource_type", "relation"),
-    "row": ("row_key", "resource_id", "row_id", "record_id"),
+    "row": ("row_id", "row_key", "resource_id", "record_id"),
     "columns": ("changed_columns", "columns", "changed"),
     "user": ("user_id",),
 }
 
 
-def _show_audit(console: Console, db: Database, correlation_id: str) -> None:
-    """The audit events of the demo's write, read as acme (and as globex: none)."""
-    with _scope(db, "acme").scoped_transaction() as tx:
-        exists = tx.connection.execute(text("SELECT to_regclass('public.audit_events') IS NOT NULL")).scalar_one()
-        if not exists:
-            console.print("[yellow]no audit trail in this build[/] (the audit_events migration is not "
-                          "applied); nothing else in the demo depends on it.")
-            return
-        present = set(tx.connection.execute(text(
+def _audit_via_api(scope: Any, correlation_id: str) -> list[dict[str, Any]] | None:
+    """The events through rtv_db.audit.read_audit_trail, or None when this build has no such API."""
+    try:
+        from .audit import read_audit_trail  # type: ignore[attr-defined]
+
+        page = read_audit_trail(scope, correlation_id=correlation_id, limit=50)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return [{"time": e.occurred_at, "action": e.action, "table": e.table_name, "row": e.row_id,
+             "columns": e.changed_columns, "user": e.user_id} for e in reversed(page.events)]
+
+
+def _audit_via_sql(scope: Any, correlation_id: str) -> list[dict[str, Any]] | None:
+    """The events read with plain SQL on the tenant's transaction, or None without an audit table."""
+    with scope.scoped_transaction() as tx:
+        conn = tx.connection
+        if not conn.execute(text("SELECT to_regclass('public.audit_events') IS NOT NULL")).scalar_one():
+            return None
+        present = set(conn.execute(text(
             "SELECT attname FROM pg_attribute WHERE attrelid = 'public.audit_events'::regclass "
             "AND attnum > 0 AND NOT attisdropped")).scalars())
-    chosen = {k: next((c for c in names if c in present), None) for k, names in _AUDIT_COLUMNS.items()}
-    shown = {k: c for k, c in chosen.items() if c}
-    if "correlation_id" not in present or not shown:
-        console.print("[yellow]audit_events has an unexpected shape; skipping the trail[/]")
+        shown = {k: next(c for c in names if c in present) for k, names in _AUDIT_COLUMNS.items()
+                 if any(c in present for c in names)}
+        if "correlation_id" not in present or not shown:
+            return None
+        order = f'"{shown["time"]}"' if "time" in shown else "1"
+        select = ", ".join(f'"{c}"' for c in shown.values())  # names from the catalog, quoted
+        rows = conn.execute(text(f"SELECT {select} FROM audit_events WHERE correlation_id = :c ORDER BY {order}"),
+                            {"c": correlation_id}).all()
+    return [dict(zip(shown, row)) for row in rows]
+
+
+def _read_audit(scope: Any, correlation_id: str) -> list[dict[str, Any]] | None:
+    events = _audit_via_api(scope, correlation_id)
+    return events if events is not None else _audit_via_sql(scope, correlation_id)
+
+
+def _show_audit(console: Console, db: Database, correlation_id: str) -> None:
+    """The audit events of the demo's write, read as acme (and as globex: none)."""
+    events = _read_audit(_scope(db, "acme"), correlation_id)
+    if events is None:
+        console.print("[yellow]no audit trail in this build[/] (the audit_events migration is not "
+                      "applied); nothing else in the demo depends on it.")
         return
-    order = f'"{shown["time"]}"' if "time" in shown else "1"
-    select = ", ".join(f'"{c}"' for c in shown.values())
-    query = text(f"SELECT {select} FROM audit_events WHERE correlation_id = :c ORDER BY {order}")  # names from the catalog
-
-    table = Table(title="SELECT ... FROM audit_events WHERE correlation_id = <the demo's>", title_justify="left")
-    for key in shown:
-        table.add_column(key, overflow="fold")
-    with _scope(db, "acme").scoped_transaction() as tx:
-        rows = tx.connection.execute(query, {"c": correlation_id}).all()
-    for row in rows:
-        table.add_row(*[_short(_fmt(v), 26) for v in row])
-    console.print(table if rows else "[yellow]no audit events recorded for the demo's write[/]")
-    with _scope(db, "globex").scoped_transaction() as tx:
-        seen = len(tx.connection.execute(query, {"c": correlation_id}).all())
-    console.print(f"the same query as globex: {seen} events (acme's trail is acme's alone); the refused "
-                  "attempts left none: they rolled back.")
+    table = Table(title="acme's audit trail for the demo's correlation id", title_justify="left")
+    keys = list(events[0]) if events else ["time", "action", "table", "row", "columns", "user"]
+    for key in keys:
+        table.add_column(key, no_wrap=key in ("time", "action", "table", "row"))
+    for event in events:
+        table.add_row(*[_fmt(event[k], k) for k in keys])
+    console.print(table if events else "[yellow]no audit events recorded for the demo's write[/]")
+    seen = _read_audit(_scope(db, "globex"), correlation_id) or []
+    console.print(f"the same read as globex: {len(seen)} events (acme's trail is acme's alone). The refused "
+                  "attempts left no events: they rolled back.")
 
 
-def _fmt(value: object) -> str:
+def _fmt(value: object, key: str = "") -> str:
+    if key == "columns" and value is None:
+        return "[dim](whole row)[/]"
+    if key == "row" and value is not None:
+        return str(value)[:8] + "…"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
     if hasattr(value, "strftime"):

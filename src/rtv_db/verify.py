@@ -186,9 +186,14 @@ def _policies(conn: Connection, table_oid: int) -> list[tuple[str, str, bool, li
 
 
 def _applies_to(conn: Connection, roles: list[int], role_oid: int | None) -> bool:
-    """Whether a policy's role list covers the runtime role (PUBLIC, it, or a role it belongs to)."""
-    if 0 in roles or role_oid is None:
+    """Whether a policy's role list covers the runtime role (PUBLIC, it, or a role it belongs to).
+
+    Without a runtime role (ROLE_MISSING), only PUBLIC policies are known to apply.
+    """
+    if 0 in roles:
         return True
+    if role_oid is None:
+        return False
     return bool(_scalar(
         conn, "SELECT bool_or(pg_has_role(%s, r, 'USAGE')) FROM unnest(%s::oid[]) AS r", (role_oid, roles)
     ))
@@ -198,14 +203,14 @@ def _applies_to(conn: Connection, roles: list[int], role_oid: int | None) -> boo
 def check_policy_coverage(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
     """Each command the runtime role may run on a tenant table needs a permissive policy."""
     role_oid = _role_oid(conn, config.runtime_role)
+    if role_oid is None:
+        return  # ROLE_MISSING says it: which commands it may run is unknowable
     for t in tenant_tables(conn, config):
         if not t.rls_enabled:
             continue  # reported as RLS_NOT_ENABLED; policies do nothing yet
         policies = [p for p in _policies(conn, t.oid) if _applies_to(conn, p[3], role_oid)]
         for command, letter in _COMMANDS.items():
-            if role_oid is not None and not _scalar(
-                conn, "SELECT has_table_privilege(%s, %s, %s)", (role_oid, t.oid, command)
-            ):
+            if not _scalar(conn, "SELECT has_table_privilege(%s, %s, %s)", (role_oid, t.oid, command)):
                 continue  # the role cannot run it at all: no policy needed
             relevant = [p for p in policies if p[1] in (letter, "*")]
             if any(p[2] for p in relevant):
@@ -242,12 +247,19 @@ def _mentions_tenant(expr: str, column: str, config: VerifyConfig) -> bool:
 
 @register_check
 def check_policy_always_true(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
-    """A permissive policy whose condition does not restrict rows to the current tenant."""
+    """A permissive policy for the runtime role whose condition does not restrict rows to the tenant.
+
+    Policies for other roles only (say, the owner's retention policy) are not the runtime role's
+    concern; a runtime role that is a member of such a role is reported by the role checks.
+    """
+    role_oid = _role_oid(conn, config.runtime_role)
     for t in tenant_tables(conn, config):
         column = _tenant_col(conn, t).strip('"')
-        for name, cmd, permissive, _roles, qual, check in _policies(conn, t.oid):
+        for name, cmd, permissive, roles, qual, check in _policies(conn, t.oid):
             if not permissive:
                 continue  # a restrictive policy only ever removes rows
+            if not _applies_to(conn, roles, role_oid):
+                continue
             exprs: list[tuple[str, str | None]] = []
             if cmd in ("r", "w", "d", "*"):
                 exprs.append(("USING", qual))
