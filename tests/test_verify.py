@@ -130,6 +130,17 @@ TABLE_CASES = {
                                         {"POLICY_ALWAYS_TRUE"}),
     "an untenanted policy for the runtime role": ("CREATE POLICY leak ON notes FOR DELETE TO rtv_app USING (true)",
                                                   {"POLICY_ALWAYS_TRUE"}),
+    "tenant condition OR true": (
+        "CREATE POLICY leak ON notes FOR SELECT USING (client_id = (SELECT rtv.current_tenant_id()) OR body = 'x')",
+        {"POLICY_ALWAYS_TRUE"}),
+    "open when no tenant is set": (
+        "CREATE POLICY leak ON notes FOR SELECT"
+        " USING ((SELECT rtv.current_tenant_id()) IS NULL OR client_id = (SELECT rtv.current_tenant_id()))",
+        {"POLICY_ALWAYS_TRUE"}),
+    "tenant condition AND more": (
+        "ALTER POLICY tenant_isolation ON notes USING (body <> 'x' AND (client_id = (SELECT rtv.current_tenant_id())"
+        " OR client_id = (SELECT rtv.current_tenant_id())))",
+        set()),
     "a restrictive always-true policy is harmless": ("CREATE POLICY narrow ON notes AS RESTRICTIVE USING (true)",
                                                      set()),
     "context function per row": (

@@ -236,13 +236,64 @@ def _tenant_col(conn: Connection, t: TenantTable) -> str:
     ))
 
 
-def _mentions_tenant(expr: str, column: str, config: VerifyConfig) -> bool:
-    """Whether a policy expression compares the tenant column with the tenant context."""
+def _split_top(expr: str, keyword: str) -> list[str]:
+    """``expr`` split on ``keyword`` (OR, AND) where it is outside parentheses and string literals."""
+    parts, depth, start, i, quoted = [], 0, 0, 0, False
+    token = f" {keyword} "
+    while i < len(expr):
+        ch = expr[i]
+        if ch == "'":
+            quoted = not quoted  # '' inside a literal toggles twice: still right
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and expr.startswith(token, i):
+            parts.append(expr[start:i])
+            i += len(token)
+            start = i
+            continue
+        i += 1
+    parts.append(expr[start:])
+    return [p.strip() for p in parts]
+
+
+def _strip_parens(expr: str) -> str:
+    """``expr`` without parentheses that wrap all of it."""
+    expr = expr.strip()
+    while expr.startswith("(") and expr.endswith(")"):
+        depth = 0
+        for i, ch in enumerate(expr):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0 and i < len(expr) - 1:
+                return expr  # the first "(" closes before the end: not one wrapping pair
+        expr = expr[1:-1].strip()
+    return expr
+
+
+def _leaf_mentions_tenant(expr: str, column: str, config: VerifyConfig) -> bool:
     has_column = re.search(rf'(?<![\w."]){re.escape(column)}(?![\w"])|"{re.escape(column)}"', expr) is not None
     has_context = any(re.search(rf"\b{re.escape(f)}\s*\(", expr) for f in config.tenant_functions) or (
         config.tenant_setting in expr
     )
     return has_column and has_context
+
+
+def _mentions_tenant(expr: str, column: str, config: VerifyConfig) -> bool:
+    """Whether a policy expression restricts rows to the tenant column = the tenant context.
+
+    Textual, on pg_get_expr's output: every branch of a top-level OR must restrict (any one of
+    them grants rows), one conjunct of a top-level AND is enough.
+    """
+    expr = _strip_parens(expr)
+    branches = _split_top(expr, "OR")
+    if len(branches) > 1:
+        return all(_mentions_tenant(b, column, config) for b in branches)
+    conjuncts = _split_top(expr, "AND")
+    if len(conjuncts) > 1:
+        return any(_mentions_tenant(c, column, config) for c in conjuncts)
+    return _leaf_mentions_tenant(expr, column, config)
 
 
 @register_check
