@@ -197,7 +197,11 @@ def seed(ctx: click.Context, database_url: str | None, tenants: int | None, rows
     if tenants is not None and rows is not None:
         load_synthetic = _load_synthetic()
         result = load_synthetic(target.system_url, tenants, rows, progress=True)
-        console.print(f"synthetic load done: {result}", highlight=False)
+        if hasattr(result, "total_rows") and hasattr(result, "seconds"):
+            summary = f"{result.total_rows:,} rows in {result.seconds:.1f} s"
+        else:  # a loader with another result type: say what it returned
+            summary = str(result)
+        console.print(f"synthetic load done: {summary}", highlight=False)
         return
     from .seed import seed_demo
 
