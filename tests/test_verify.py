@@ -214,6 +214,27 @@ def test_table_breakage_is_caught(target, admin_conn, case):
     assert codes(findings) == expected, [f"{f.code} {f.object}: {f.message}" for f in findings]
 
 
+PARTITIONED = """
+CREATE TABLE events (client_id uuid NOT NULL, id uuid NOT NULL, PRIMARY KEY (client_id, id))
+    PARTITION BY HASH (client_id);
+CREATE TABLE events_p0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+ALTER TABLE events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE events FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON events USING (client_id = (SELECT rtv.current_tenant_id()));
+GRANT SELECT ON events TO rtv_app;
+"""
+
+
+def test_partition_reachable_only_through_its_parent_is_clean(target, admin_conn):
+    admin_conn.execute(PARTITIONED)
+    assert run(target) == []
+
+
+def test_partition_granted_directly_needs_its_own_rls(target, admin_conn):
+    admin_conn.execute(PARTITIONED + "GRANT SELECT ON events_p0 TO rtv_app")
+    assert {(f.code, f.object) for f in run(target)} == {("RLS_NOT_ENABLED", "events_p0"), ("RLS_NOT_FORCED", "events_p0")}
+
+
 def test_restrictive_only_says_why(target, admin_conn):
     admin_conn.execute(GOOD_TABLE + TABLE_CASES["only a restrictive policy"][0])
     messages = [f.message for f in run(target) if f.code == "POLICY_MISSING"]

@@ -113,6 +113,7 @@ class TenantTable:
     owner: str
     tenant_attnum: int  # the column that names the tenant: client_id, or clients.id
     is_root: bool  # the tenants' own table (clients): its keys are global by design
+    is_partition: bool  # queried directly, a partition applies its own policies, not its parent's
 
 
 def tenant_tables(conn: Connection, config: VerifyConfig) -> list[TenantTable]:
@@ -122,7 +123,7 @@ def tenant_tables(conn: Connection, config: VerifyConfig) -> list[TenantTable]:
         SELECT c.oid, c.oid::regclass::text, c.relname, c.relrowsecurity, c.relforcerowsecurity,
                pg_get_userbyid(c.relowner),
                COALESCE(tc.attnum, CASE WHEN c.relname = %(root)s THEN rc.attnum END),
-               c.relname = %(root)s AND tc.attnum IS NULL
+               c.relname = %(root)s AND tc.attnum IS NULL, c.relispartition
         FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_attribute tc ON tc.attrelid = c.oid AND tc.attname = %(col)s AND NOT tc.attisdropped
@@ -154,8 +155,18 @@ _CMD_NAMES = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "
 
 @register_check
 def check_rls_enabled(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
-    """Tenant tables must have Row-Level Security enabled and forced."""
+    """Tenant tables must have Row-Level Security enabled and forced.
+
+    A partition is read through its parent's policies; only when the runtime role may also
+    use the partition directly (where the parent's policies do not apply) must it have its own.
+    """
+    role_oid = _role_oid(conn, config.runtime_role)
     for t in tenant_tables(conn, config):
+        if t.is_partition and role_oid is not None and not _scalar(
+            conn, "SELECT has_table_privilege(%(r)s, %(t)s, 'SELECT, INSERT, UPDATE, DELETE')",
+            {"r": role_oid, "t": t.oid},
+        ):
+            continue
         if not t.rls_enabled:
             yield Finding(
                 "RLS_NOT_ENABLED", "error", t.name,
@@ -443,7 +454,8 @@ def check_runtime_role_privileges(conn: Connection, config: VerifyConfig) -> Ite
             "pg_temp is searched first for relations: a temporary table or view can shadow a tenant "
             "table in unqualified SQL, and a pg_temp function can hijack a SECURITY DEFINER "
             "function without a safe search_path.",
-            f"REVOKE TEMPORARY ON DATABASE <db> FROM PUBLIC, {role};",
+            f"REVOKE TEMPORARY ON DATABASE {_scalar(conn, 'SELECT quote_ident(current_database())')} "
+            f"FROM PUBLIC, {role};",
         )
     for member_of, why in conn.execute(
         f"""
