@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 
 from .config import Settings, redact_url
-from .errors import RtvDbError
+from .errors import ConfigurationError, RtvDbError
 from .server import EmbeddedServer
 from .targets import Target, resolve_target
 
@@ -165,12 +165,99 @@ def downgrade(ctx: click.Context, database_url: str | None, revision: str, yes: 
     console.print(f"downgraded: {result.before} -> {result.after or 'base'}", highlight=False)
 
 
+# -- data and checks --------------------------------------------------------------------------
+
+
+def _load_synthetic() -> Callable[..., Any]:
+    """The bulk loader, when this build has it (it lives in rtv_db.seed.synthetic)."""
+    try:
+        from .seed.synthetic import load_synthetic
+    except ImportError as exc:
+        raise ConfigurationError(f"the synthetic bulk loader is not available in this build ({exc})") from exc
+    return load_synthetic  # type: ignore[no-any-return]
+
+
+@cli.command()
+@database_url_option
+@click.option("--tenants", type=click.IntRange(min=1), default=None, help="Synthetic load: number of tenants.")
+@click.option("--rows", type=click.IntRange(min=1), default=None, help="Synthetic load: rows per tenant.")
+@click.pass_context
+@_fail_cleanly
+def seed(ctx: click.Context, database_url: str | None, tenants: int | None, rows: int | None) -> None:
+    """Create the demo dataset (idempotent), or with --tenants/--rows a bulk synthetic load."""
+    from .migrate import current_revision
+
+    if (tenants is None) != (rows is None):
+        raise click.UsageError("--tenants and --rows go together")
+    target = target_for(database_url, ctx.obj["data_dir"])
+    if target.system_url is None:
+        raise ConfigurationError("seeding needs an admin URL (it uses the system role): pass --database-url")
+    if current_revision(target.require_admin()) is None:
+        raise ConfigurationError(f"{redact_url(target.require_admin())} is not migrated: run `rtv-db migrate` first")
+    if tenants is not None and rows is not None:
+        load_synthetic = _load_synthetic()
+        result = load_synthetic(target.system_url, tenants, rows, progress=True)
+        if hasattr(result, "total_rows") and hasattr(result, "seconds"):
+            summary = f"{result.total_rows:,} rows in {result.seconds:.1f} s"
+        else:  # a loader with another result type: say what it returned
+            summary = str(result)
+        console.print(f"synthetic load done: {summary}", highlight=False)
+        return
+    from .seed import seed_demo
+
+    with console.status("seeding the demo dataset..."):
+        result = seed_demo(target.system_url)
+    console.print(seed_table(result))
+    console.print("seeded: " + (f"{result.total_inserted} new rows" if result.changed else "nothing new (already there)"),
+                  highlight=False)
+
+
+def seed_table(result: Any) -> Any:
+    """The rows of the demo dataset per table: planned and newly inserted."""
+    from rich.table import Table
+
+    table = Table(title=f"demo dataset: {len(result.tenants)} tenants", title_justify="left")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    table.add_column("new", justify="right")
+    for name, planned in result.planned.items():
+        table.add_row(name, str(planned), str(result.inserted.get(name, 0)))
+    return table
+
+
+@cli.command("verify")
+@database_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("--runtime-role", default=None, help="The application's role (default: RTV_DB_RUNTIME_ROLE or rtv_app).")
+@click.option("--schema", default="public", show_default=True, help="The schema of the tenant tables.")
+@click.pass_context
+def verify_command(ctx: click.Context, database_url: str | None, as_json: bool, runtime_role: str | None,
+                   schema: str) -> None:
+    """Lint a live database's tenant isolation. Exit 0: clean, 1: findings, 2: could not check."""
+    import psycopg
+
+    from .verify import findings_to_json, render_report, verify
+
+    try:
+        target = target_for(database_url, ctx.obj["data_dir"])
+        url = target.admin_url or target.runtime_url
+        findings = verify(url, runtime_role=runtime_role or target.settings.runtime_role, schema=schema)
+    except (RtvDbError, psycopg.Error) as exc:
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(findings_to_json(findings))
+    else:
+        console.print(render_report(findings))
+    sys.exit(1 if findings else 0)
+
+
 @cli.command()
 @database_url_option
 @click.pass_context
 @_fail_cleanly
 def demo(ctx: click.Context, database_url: str | None) -> None:
-    """Start the embedded server, migrate, and show what exists and how isolation holds."""
+    """Start the embedded server, migrate, seed, and show isolation live (the main job)."""
     from .demo import run_demo
 
     run_demo(console, database_url=database_url, data_dir=ctx.obj["data_dir"])

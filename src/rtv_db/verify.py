@@ -1,0 +1,709 @@
+"""``rtv-db verify``: a linter for a live database's tenant isolation.
+
+:func:`verify` connects (any role that can read the catalog will do; an admin URL sees all),
+runs every check in :data:`CHECKS` and returns :class:`Finding` objects, each saying what is
+wrong, why it matters and how to fix it. An empty list means the database is clean.
+
+A *tenant table* is a table (or partitioned table, or partition) in the configured schema with
+a ``client_id`` column, or the ``clients`` table itself (whose ``id`` is the tenant).
+
+Other modules add checks by appending to :data:`CHECKS` (or decorating with
+:func:`register_check`); a check is any callable ``(conn, config) -> Iterable[Finding]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import psycopg
+from psycopg import Connection
+
+from .config import to_libpq_url
+from .connection import connect_error
+
+__all__ = [
+    "Finding",
+    "VerifyConfig",
+    "Check",
+    "CHECKS",
+    "register_check",
+    "verify",
+    "run_checks",
+    "findings_to_json",
+    "render_report",
+    "TenantTable",
+    "tenant_tables",
+]
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: a stable ``code``, the ``object`` it is about, and what/why/how to fix."""
+
+    code: str
+    severity: Severity
+    object: str
+    message: str
+    why: str
+    fix: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What :func:`verify` checks against: the runtime role and where the tenant tables live."""
+
+    runtime_role: str = "rtv_app"
+    schema: str = "public"
+    tenant_column: str = "client_id"
+    tenant_root: str = "clients"
+    # SQL functions that read the tenant context; a policy should call them once per statement.
+    context_functions: tuple[str, ...] = (
+        "current_tenant_id",
+        "current_platform_account_id",
+        "current_lane",
+        "get_current_tenant",
+        "current_user_id",
+        "current_correlation_id",
+    )
+    # What a policy must mention to be about the tenant: one of these functions, or the setting.
+    tenant_functions: tuple[str, ...] = ("current_tenant_id", "get_current_tenant")
+    tenant_setting: str = "app.current_tenant_id"
+    # Free-form options for checks added by other modules.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Check = Callable[[Connection, VerifyConfig], Iterable[Finding]]
+
+CHECKS: list[Check] = []
+"""The checks :func:`verify` runs, in order. Append to add one."""
+
+
+def register_check(check: Check) -> Check:
+    """Add ``check`` to :data:`CHECKS` (usable as a decorator); adding it twice is a no-op."""
+    if check not in CHECKS:
+        CHECKS.append(check)
+    return check
+
+
+# -- catalog helpers ------------------------------------------------------------------------------
+
+_SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema')"
+# Schemas the checks look at beyond the tenant schema: everything that is not PostgreSQL's own.
+_USER_SCHEMA = f"n.nspname NOT IN {_SYSTEM_SCHEMAS} AND n.nspname !~ '^pg_(toast|temp)'"
+
+
+@dataclass(frozen=True)
+class TenantTable:
+    """A table whose rows belong to one tenant."""
+
+    oid: int
+    name: str  # schema-qualified, quoted as needed (regclass text)
+    relname: str
+    rls_enabled: bool
+    rls_forced: bool
+    owner: str
+    tenant_attnum: int  # the column that names the tenant: client_id, or clients.id
+    is_root: bool  # the tenants' own table (clients): its keys are global by design
+    is_partition: bool  # queried directly, a partition applies its own policies, not its parent's
+
+
+def tenant_tables(conn: Connection, config: VerifyConfig) -> list[TenantTable]:
+    """The tenant tables of ``config.schema``."""
+    rows = conn.execute(
+        """
+        SELECT c.oid, c.oid::regclass::text, c.relname, c.relrowsecurity, c.relforcerowsecurity,
+               pg_get_userbyid(c.relowner),
+               COALESCE(tc.attnum, CASE WHEN c.relname = %(root)s THEN rc.attnum END),
+               c.relname = %(root)s AND tc.attnum IS NULL, c.relispartition
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attribute tc ON tc.attrelid = c.oid AND tc.attname = %(col)s AND NOT tc.attisdropped
+        LEFT JOIN pg_attribute rc ON rc.attrelid = c.oid AND rc.attname = 'id' AND NOT rc.attisdropped
+        WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p')
+          AND (tc.attnum IS NOT NULL OR c.relname = %(root)s)
+        ORDER BY c.relname
+        """,
+        {"schema": config.schema, "col": config.tenant_column, "root": config.tenant_root},
+    ).fetchall()
+    return [TenantTable(*r) for r in rows if r[6]]
+
+
+def _scalar(conn: Connection, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def _role_oid(conn: Connection, role: str) -> int | None:
+    row = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    return row[0] if row else None
+
+
+# -- the checks -----------------------------------------------------------------------------------
+
+_COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
+_CMD_NAMES = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
+
+
+@register_check
+def check_rls_enabled(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Tenant tables must have Row-Level Security enabled and forced.
+
+    A partition is read through its parent's policies; only when the runtime role may also
+    use the partition directly (where the parent's policies do not apply) must it have its own.
+    """
+    role_oid = _role_oid(conn, config.runtime_role)
+    for t in tenant_tables(conn, config):
+        if t.is_partition and role_oid is not None and not _scalar(
+            conn, "SELECT has_table_privilege(%(r)s, %(t)s, 'SELECT, INSERT, UPDATE, DELETE')",
+            {"r": role_oid, "t": t.oid},
+        ):
+            continue
+        if not t.rls_enabled:
+            yield Finding(
+                "RLS_NOT_ENABLED", "error", t.name,
+                f"row-level security is not enabled on tenant table {t.name}",
+                "Without RLS every role with SELECT sees every tenant's rows: isolation rests on "
+                "the application never forgetting a WHERE clause.",
+                f"ALTER TABLE {t.name} ENABLE ROW LEVEL SECURITY; then add a tenant policy.",
+            )
+        if not t.rls_forced:
+            yield Finding(
+                "RLS_NOT_FORCED", "error", t.name,
+                f"row-level security is not forced on tenant table {t.name}",
+                "Without FORCE the table owner (and anything running as it: migrations, SECURITY "
+                "DEFINER functions, a misconfigured application) bypasses every policy.",
+                f"ALTER TABLE {t.name} FORCE ROW LEVEL SECURITY;",
+            )
+
+
+def _policies(conn: Connection, table_oid: int) -> list[tuple[str, str, bool, list[int], str | None, str | None]]:
+    return conn.execute(
+        """
+        SELECT polname, polcmd::text, polpermissive, polroles,
+               pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid)
+        FROM pg_policy WHERE polrelid = %s ORDER BY polname
+        """,
+        (table_oid,),
+    ).fetchall()
+
+
+def _applies_to(conn: Connection, roles: list[int], role_oid: int | None) -> bool:
+    """Whether a policy's role list covers the runtime role (PUBLIC, it, or a role it belongs to).
+
+    Without a runtime role (ROLE_MISSING), only PUBLIC policies are known to apply.
+    """
+    if 0 in roles:
+        return True
+    if role_oid is None:
+        return False
+    return bool(_scalar(
+        conn, "SELECT bool_or(pg_has_role(%s, r, 'USAGE')) FROM unnest(%s::oid[]) AS r", (role_oid, roles)
+    ))
+
+
+@register_check
+def check_policy_coverage(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Each command the runtime role may run on a tenant table needs a permissive policy."""
+    role_oid = _role_oid(conn, config.runtime_role)
+    if role_oid is None:
+        return  # ROLE_MISSING says it: which commands it may run is unknowable
+    for t in tenant_tables(conn, config):
+        if not t.rls_enabled:
+            continue  # reported as RLS_NOT_ENABLED; policies do nothing yet
+        policies = [p for p in _policies(conn, t.oid) if _applies_to(conn, p[3], role_oid)]
+        for command, letter in _COMMANDS.items():
+            if not _scalar(conn, "SELECT has_table_privilege(%s, %s, %s)", (role_oid, t.oid, command)):
+                continue  # the role cannot run it at all: no policy needed
+            relevant = [p for p in policies if p[1] in (letter, "*")]
+            if any(p[2] for p in relevant):
+                continue
+            restrictive = [p[0] for p in relevant if not p[2]]
+            detail = (f" (only RESTRICTIVE policies {', '.join(restrictive)}, which alone grant nothing)"
+                      if restrictive else "")
+            yield Finding(
+                "POLICY_MISSING", "warning", t.name,
+                f"no permissive policy for {command} on {t.name} applies to {config.runtime_role}{detail}",
+                f"With RLS on and no permissive policy, every {command} by the runtime role silently "
+                "matches zero rows (or fails): either the grant is wrong or the policy set is "
+                "incomplete, and someone will 'fix' it with a policy that is too broad.",
+                f"CREATE POLICY tenant_isolation ON {t.name} USING ({_tenant_col(conn, t)} = "
+                "(SELECT rtv.current_tenant_id())) WITH CHECK (same); or revoke "
+                f"{command} from {config.runtime_role} if it is not meant to run it.",
+            )
+
+
+def _tenant_col(conn: Connection, t: TenantTable) -> str:
+    return str(_scalar(
+        conn, "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = %s AND attnum = %s", (t.oid, t.tenant_attnum)
+    ))
+
+
+def _split_top(expr: str, keyword: str) -> list[str]:
+    """``expr`` split on ``keyword`` (OR, AND) where it is outside parentheses and string literals."""
+    parts, depth, start, i, quoted = [], 0, 0, 0, False
+    token = f" {keyword} "
+    while i < len(expr):
+        ch = expr[i]
+        if ch == "'":
+            quoted = not quoted  # '' inside a literal toggles twice: still right
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and expr.startswith(token, i):
+            parts.append(expr[start:i])
+            i += len(token)
+            start = i
+            continue
+        i += 1
+    parts.append(expr[start:])
+    return [p.strip() for p in parts]
+
+
+def _strip_parens(expr: str) -> str:
+    """``expr`` without parentheses that wrap all of it."""
+    expr = expr.strip()
+    while expr.startswith("(") and expr.endswith(")"):
+        depth = 0
+        for i, ch in enumerate(expr):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0 and i < len(expr) - 1:
+                return expr  # the first "(" closes before the end: not one wrapping pair
+        expr = expr[1:-1].strip()
+    return expr
+
+
+def _leaf_mentions_tenant(expr: str, column: str, config: VerifyConfig) -> bool:
+    has_column = re.search(rf'(?<![\w."]){re.escape(column)}(?![\w"])|"{re.escape(column)}"', expr) is not None
+    has_context = any(re.search(rf"\b{re.escape(f)}\s*\(", expr) for f in config.tenant_functions) or (
+        config.tenant_setting in expr
+    )
+    return has_column and has_context
+
+
+def _mentions_tenant(expr: str, column: str, config: VerifyConfig) -> bool:
+    """Whether a policy expression restricts rows to the tenant column = the tenant context.
+
+    Textual, on pg_get_expr's output: every branch of a top-level OR must restrict (any one of
+    them grants rows), one conjunct of a top-level AND is enough.
+    """
+    expr = _strip_parens(expr)
+    branches = _split_top(expr, "OR")
+    if len(branches) > 1:
+        return all(_mentions_tenant(b, column, config) for b in branches)
+    conjuncts = _split_top(expr, "AND")
+    if len(conjuncts) > 1:
+        return any(_mentions_tenant(c, column, config) for c in conjuncts)
+    return _leaf_mentions_tenant(expr, column, config)
+
+
+@register_check
+def check_policy_always_true(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """A permissive policy for the runtime role whose condition does not restrict rows to the tenant.
+
+    Policies for other roles only (say, the owner's retention policy) are not the runtime role's
+    concern; a runtime role that is a member of such a role is reported by the role checks.
+    """
+    role_oid = _role_oid(conn, config.runtime_role)
+    for t in tenant_tables(conn, config):
+        column = _tenant_col(conn, t).strip('"')
+        for name, cmd, permissive, roles, qual, check in _policies(conn, t.oid):
+            if not permissive:
+                continue  # a restrictive policy only ever removes rows
+            if not _applies_to(conn, roles, role_oid):
+                continue
+            exprs: list[tuple[str, str | None]] = []
+            if cmd in ("r", "w", "d", "*"):
+                exprs.append(("USING", qual))
+            if cmd in ("a", "w", "*"):
+                # UPDATE and ALL fall back to USING when WITH CHECK is absent.
+                exprs.append(("WITH CHECK", check if check is not None or cmd == "a" else qual))
+            for clause, expr in exprs:
+                if expr is not None and _mentions_tenant(expr, column, config):
+                    continue
+                shown = "absent (true)" if expr is None else expr
+                yield Finding(
+                    "POLICY_ALWAYS_TRUE", "error", f"{t.name}: policy {name}",
+                    f"{_CMD_NAMES.get(cmd, cmd)} policy {name} on {t.name}: {clause} {shown} does not "
+                    f"compare {column} with the current tenant",
+                    "Permissive policies are OR-ed: one that does not restrict to the current tenant "
+                    "lets every tenant read or write every other tenant's rows, whatever the other "
+                    "policies say.",
+                    f"Make the condition {column} = (SELECT rtv.current_tenant_id()) (USING and WITH "
+                    "CHECK), or make the policy RESTRICTIVE if it only narrows further.",
+                )
+
+
+# A call, optionally schema-qualified, and whether "(SELECT " comes right before it.
+_PER_ROW_TEMPLATE = r"(?P<pre>\(\s*SELECT\s+(?:\(\s*)*)?(?<![\w.])(?P<name>(?:\w+\.)?{name})\s*\("
+
+
+@register_check
+def check_policy_per_row_context(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Context functions in policies must be wrapped in a scalar subselect (evaluated once)."""
+    setting = re.compile(r"(?P<pre>\(\s*SELECT\s+(?:\(\s*)*)?(?<![\w.])(?P<name>(?:pg_catalog\.)?current_setting)\s*\(\s*'app\.")
+    patterns = [re.compile(_PER_ROW_TEMPLATE.format(name=re.escape(f)), re.IGNORECASE) for f in config.context_functions]
+    for t in tenant_tables(conn, config):
+        for name, _cmd, _perm, _roles, qual, check in _policies(conn, t.oid):
+            bare: set[str] = set()
+            for expr in (qual, check):
+                if expr is None:
+                    continue
+                for pattern in [*patterns, setting]:
+                    for m in pattern.finditer(expr):
+                        if not m.group("pre"):
+                            bare.add(m.group("name"))
+            if bare:
+                calls = ", ".join(sorted(bare))
+                yield Finding(
+                    "POLICY_PER_ROW_CONTEXT", "warning", f"{t.name}: policy {name}",
+                    f"policy {name} on {t.name} calls {calls}() per row instead of once per statement",
+                    "A bare function call in a policy is evaluated for every row scanned and can keep "
+                    "the planner from using the client_id index; wrapped in a scalar subselect it is "
+                    "an InitPlan, computed once and used as an index key.",
+                    f"Write (SELECT {calls.split(', ')[0]}()) instead of {calls.split(', ')[0]}() in the policy "
+                    "(DROP POLICY and CREATE POLICY again, or ALTER POLICY ... USING (...)).",
+                )
+
+
+@register_check
+def check_runtime_role_privileges(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """The runtime role must be bound by RLS: no superuser, no BYPASSRLS, no ownership, no DDL."""
+    role = config.runtime_role
+    row = conn.execute(
+        "SELECT oid, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s", (role,)
+    ).fetchone()
+    if row is None:
+        yield Finding(
+            "ROLE_MISSING", "error", f"role {role}",
+            f"the runtime role {role} does not exist",
+            "Nothing can be verified about the role the application connects as; the application "
+            "is probably connecting as another, possibly privileged, role.",
+            "Run `rtv-db migrate` (it creates the roles), or pass --runtime-role with the role "
+            "in DATABASE_URL.",
+        )
+        return
+    oid, is_super, bypass = row
+    if is_super:
+        yield Finding(
+            "ROLE_SUPERUSER", "error", f"role {role}", f"the runtime role {role} is a superuser",
+            "Superusers bypass Row-Level Security entirely, FORCE or not: every tenant sees every row.",
+            f"ALTER ROLE {role} NOSUPERUSER;",
+        )
+    if bypass:
+        yield Finding(
+            "ROLE_BYPASSRLS", "error", f"role {role}", f"the runtime role {role} has BYPASSRLS",
+            "A BYPASSRLS role ignores every policy: isolation is gone for the application.",
+            f"ALTER ROLE {role} NOBYPASSRLS; (cross-tenant jobs use the separate system role).",
+        )
+    for (name,) in conn.execute(
+        f"""
+        SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relowner = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {_USER_SCHEMA}
+        ORDER BY 1
+        """,
+        (oid,),
+    ):
+        yield Finding(
+            "ROLE_OWNS_TABLE", "error", name, f"the runtime role {role} owns {name}",
+            "A table's owner can disable or drop its policies, and without FORCE is not bound by "
+            "them; the runtime role must own nothing.",
+            f"ALTER TABLE {name} OWNER TO rtv_owner;  (the owner role)",
+        )
+    for (name,) in conn.execute(
+        f"""
+        SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND {_USER_SCHEMA} AND c.relowner <> %(oid)s
+          AND has_table_privilege(%(oid)s, c.oid, 'TRUNCATE')
+        ORDER BY 1
+        """,
+        {"oid": oid},
+    ):
+        yield Finding(
+            "ROLE_TRUNCATE", "error", name, f"the runtime role {role} may TRUNCATE {name}",
+            "TRUNCATE is not subject to Row-Level Security: one tenant's request could empty the "
+            "table for every tenant.",
+            f"REVOKE TRUNCATE ON {name} FROM {role};  (and from PUBLIC, if granted there)",
+        )
+    for (schema,) in conn.execute(
+        f"""
+        SELECT n.nspname FROM pg_namespace n
+        WHERE {_USER_SCHEMA} AND has_schema_privilege(%s, n.oid, 'CREATE') ORDER BY 1
+        """,
+        (oid,),
+    ):
+        yield Finding(
+            "ROLE_CAN_CREATE", "error", f"schema {schema}", f"the runtime role {role} may CREATE in schema {schema}",
+            "A role that creates objects owns them: it can create a table or function that shadows "
+            "one on the search_path, or a view without RLS, and run code as whoever uses it.",
+            f"REVOKE CREATE ON SCHEMA {schema} FROM {role}, PUBLIC;",
+        )
+    if _scalar(conn, "SELECT has_database_privilege(%s, current_database(), 'TEMPORARY')", (oid,)):
+        yield Finding(
+            "ROLE_CAN_CREATE_TEMP", "warning", "database", f"the runtime role {role} may create temporary objects",
+            "pg_temp is searched first for relations: a temporary table or view can shadow a tenant "
+            "table in unqualified SQL, and a pg_temp function can hijack a SECURITY DEFINER "
+            "function without a safe search_path.",
+            f"REVOKE TEMPORARY ON DATABASE {_scalar(conn, 'SELECT quote_ident(current_database())')} "
+            f"FROM PUBLIC, {role};",
+        )
+    for member_of, why in conn.execute(
+        f"""
+        SELECT m.rolname,
+               concat_ws(', ',
+                   CASE WHEN m.rolsuper THEN 'superuser' END,
+                   CASE WHEN m.rolbypassrls THEN 'BYPASSRLS' END,
+                   CASE WHEN EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                     WHERE c.relowner = m.oid AND c.relkind IN ('r', 'p') AND {_USER_SCHEMA})
+                        THEN 'owns tables' END)
+        FROM pg_roles m
+        WHERE m.oid <> %(oid)s AND pg_has_role(%(oid)s, m.oid, 'MEMBER')
+          AND (m.rolsuper OR m.rolbypassrls OR EXISTS (
+                SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relowner = m.oid AND c.relkind IN ('r', 'p') AND {_USER_SCHEMA}))
+        ORDER BY 1
+        """,
+        {"oid": oid},
+    ):
+        yield Finding(
+            "ROLE_MEMBER_OF_PRIVILEGED", "error", f"role {role}",
+            f"the runtime role {role} is a member of {member_of} ({why})",
+            "A member can SET ROLE to it (or inherits its rights): one SQL statement turns the "
+            "application into a role that bypasses or owns the policies.",
+            f"REVOKE {member_of} FROM {role};",
+        )
+
+
+@register_check
+def check_keys(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Keys and foreign keys of tenant tables must include the tenant column."""
+    tables = {t.oid: t for t in tenant_tables(conn, config)}
+    for t in tables.values():
+        if t.is_root:
+            continue  # the tenants' own table: its keys are global by design
+        for name, kind in conn.execute(
+            """
+            SELECT ic.relname, CASE WHEN con.contype = 'p' THEN 'primary key'
+                                    WHEN con.contype = 'u' THEN 'unique constraint'
+                                    ELSE 'unique index' END
+            FROM pg_index i
+            JOIN pg_class ic ON ic.oid = i.indexrelid
+            LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u')
+            WHERE i.indrelid = %s AND i.indisunique AND NOT (%s = ANY (i.indkey::int2[]))
+            ORDER BY 1
+            """,
+            (t.oid, t.tenant_attnum),
+        ):
+            yield Finding(
+                "KEY_WITHOUT_TENANT", "error", f"{t.name}: {name}",
+                f"{kind} {name} on {t.name} does not include client_id",
+                "A key that is unique across tenants is an oracle: inserting a value another tenant "
+                "already uses fails, which tells one tenant what another has (and RLS cannot hide "
+                "a unique violation).",
+                f"Make it ({config.tenant_column}, ...): drop {name} and recreate it with "
+                f"{config.tenant_column} as its first column.",
+            )
+    for name, src, ref, pairs in conn.execute(
+        """
+        SELECT con.conname, con.conrelid, con.confrelid,
+               array(SELECT ARRAY[k.a, k.b] FROM unnest(con.conkey, con.confkey) AS k(a, b))
+        FROM pg_constraint con
+        WHERE con.contype = 'f' AND con.conrelid = ANY (%s) AND con.confrelid = ANY (%s)
+        ORDER BY con.conrelid, con.conname
+        """,
+        (list(tables), list(tables)),
+    ):
+        source, target = tables[src], tables[ref]
+        if source.is_root:
+            continue
+        wanted = [source.tenant_attnum, target.tenant_attnum]
+        if wanted in [list(p) for p in pairs]:
+            continue
+        yield Finding(
+            "FK_NOT_TENANT_COMPOSITE", "error", f"{source.name}: {name}",
+            f"foreign key {name} from {source.name} to {target.name} does not match "
+            f"{config.tenant_column} on both sides",
+            "A single-column foreign key lets a row point at another tenant's row (the check runs "
+            "without RLS), and its errors reveal whether another tenant's id exists.",
+            f"Reference ({config.tenant_column}, id) of {target.name}: FOREIGN KEY "
+            f"({config.tenant_column}, <col>) REFERENCES {target.name} ({config.tenant_column}, id).",
+        )
+
+
+@register_check
+def check_tenant_index(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Every tenant table needs an index whose first column is the tenant column."""
+    for t in tenant_tables(conn, config):
+        if t.is_root:
+            continue
+        has = _scalar(
+            conn, "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = %s AND indkey[0] = %s)",
+            (t.oid, t.tenant_attnum),
+        )
+        if not has:
+            yield Finding(
+                "INDEX_NO_TENANT_LEAD", "warning", t.name,
+                f"no index on {t.name} starts with {config.tenant_column}",
+                "Every query filters on the tenant; without such an index each one scans the whole "
+                "table, across all tenants: one big tenant slows every other.",
+                f"CREATE INDEX ON {t.name} ({config.tenant_column}, ...); usually the primary key "
+                f"({config.tenant_column}, id) is enough.",
+            )
+
+
+def _reloption(options: Sequence[str] | None, key: str) -> bool:
+    for option in options or ():
+        name, _, value = option.partition("=")
+        if name == key:
+            return value.lower() in ("true", "on", "1", "yes")
+    return False
+
+
+@register_check
+def check_views(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Views over tenant tables must be security_invoker (else they run as their owner)."""
+    tenant = {t.oid for t in tenant_tables(conn, config)}
+    views: dict[int, tuple[str, str, list[str] | None]] = {}
+    deps: dict[int, set[int]] = {}
+    for oid, name, kind, options, ref in conn.execute(
+        f"""
+        SELECT v.oid, v.oid::regclass::text, v.relkind::text, v.reloptions, d.refobjid
+        FROM pg_class v
+        JOIN pg_namespace n ON n.oid = v.relnamespace
+        JOIN pg_rewrite r ON r.ev_class = v.oid
+        JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                        AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> v.oid
+        WHERE v.relkind IN ('v', 'm') AND {_USER_SCHEMA}
+        """
+    ):
+        views[oid] = (name, kind, options)
+        deps.setdefault(oid, set()).add(ref)
+
+    over_tenant: set[int] = set()
+    changed = True
+    while changed:  # views over views over tenant tables count too
+        changed = False
+        for oid, refs in deps.items():
+            if oid not in over_tenant and refs & (tenant | over_tenant):
+                over_tenant.add(oid)
+                changed = True
+    for oid in sorted(over_tenant, key=lambda o: views[o][0]):
+        name, kind, options = views[oid]
+        if kind == "m":
+            yield Finding(
+                "MATVIEW_OVER_TENANT", "error", name,
+                f"materialized view {name} stores rows of tenant tables",
+                "A materialized view is a copy made once by its owner; RLS does not apply to reading "
+                "it, so whoever may SELECT it sees every tenant's copied rows.",
+                f"DROP MATERIALIZED VIEW {name}; use a security_invoker view, or a tenant table with "
+                "client_id and its own policies.",
+            )
+        elif not _reloption(options, "security_invoker"):
+            yield Finding(
+                "VIEW_NOT_SECURITY_INVOKER", "error", name,
+                f"view {name} reads tenant tables without security_invoker",
+                "A view runs with its owner's rights; the owner is not bound by RLS (or is bound "
+                "with no tenant context), so the view can return every tenant's rows.",
+                f"ALTER VIEW {name} SET (security_invoker = true);",
+            )
+
+
+@register_check
+def check_security_definer(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """SECURITY DEFINER functions must fix their search_path."""
+    for (signature,) in conn.execute(
+        f"""
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.prosecdef AND {_USER_SCHEMA}
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                          AND d.objid = p.oid AND d.deptype = 'e')
+          AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS c WHERE c LIKE 'search\\_path=%')
+        ORDER BY 1
+        """
+    ):
+        yield Finding(
+            "SECDEF_NO_SEARCH_PATH", "error", f"function {signature}",
+            f"SECURITY DEFINER function {signature} has no fixed search_path",
+            "It runs with its owner's rights but resolves names through the caller's search_path: "
+            "the caller can put its own function or table (e.g. in pg_temp) first and run code "
+            "as the owner.",
+            f"ALTER FUNCTION {signature} SET search_path = pg_catalog, rtv, public, pg_temp;",
+        )
+
+
+# -- running --------------------------------------------------------------------------------------
+
+_SEVERITY_ORDER = {"error": 0, "warning": 1}
+
+
+def run_checks(conn: Connection, config: VerifyConfig, checks: Iterable[Check] | None = None) -> list[Finding]:
+    """Run ``checks`` (default: :data:`CHECKS`) on an open connection; errors first."""
+    findings: list[Finding] = []
+    for check in list(CHECKS if checks is None else checks):
+        findings.extend(check(conn, config))
+    return sorted(findings, key=lambda f: (_SEVERITY_ORDER.get(f.severity, 9), f.code, f.object))
+
+
+def verify(
+    url: str,
+    *,
+    runtime_role: str = "rtv_app",
+    schema: str = "public",
+    checks: Iterable[Check] | None = None,
+    config: VerifyConfig | None = None,
+) -> list[Finding]:
+    """Lint the database at ``url``; an empty list means clean.
+
+    ``url`` may be the admin URL or any role that can read the catalog. Raises
+    :class:`~rtv_db.DatabaseConnectionError` when the database cannot be reached.
+    """
+    config = config or VerifyConfig(runtime_role=runtime_role, schema=schema)
+    libpq = to_libpq_url(url)
+    try:
+        conn = psycopg.connect(libpq, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise connect_error(url, exc) from exc
+    with conn:
+        # Read-only by construction: the linter never changes what it inspects.
+        conn.execute("SET default_transaction_read_only = on")
+        return run_checks(conn, config, checks)
+
+
+def findings_to_json(findings: Iterable[Finding]) -> str:
+    """The machine-readable report: ``{"clean": bool, "findings": [...]}``."""
+    items = [f.to_dict() for f in findings]
+    return json.dumps({"clean": not items, "count": len(items), "findings": items}, indent=2)
+
+
+def render_report(findings: Sequence[Finding], *, title: str = "rtv-db verify") -> Any:
+    """A rich renderable of the report (fits 80 columns): one row per finding, why and fix below it."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    if not findings:
+        return Text.assemble(("clean: ", "bold green"), "no findings (RLS, roles, keys, indexes, views, functions)")
+    table = Table(title=f"{title}: {len(findings)} finding(s)", title_justify="left", show_lines=True, expand=False)
+    table.add_column("code", style="bold", overflow="fold", max_width=26)
+    table.add_column("finding", overflow="fold", ratio=1)
+    for f in findings:
+        colour = "red" if f.severity == "error" else "yellow"
+        detail = Text()
+        detail.append(f.message + "\n")
+        detail.append("why: ", style="bold")
+        detail.append(f.why + "\n", style="dim")
+        detail.append("fix: ", style="bold")
+        detail.append(f.fix, style="cyan")
+        table.add_row(Text.assemble((f.code, colour), "\n", (f.severity, colour), "\n", (f.object, "dim")), detail)
+    return Group(table)

@@ -1,0 +1,398 @@
+"""`rtv-db verify`: the migrated schema is clean, and each deliberate breakage is caught.
+
+Each case breaks one thing in the test's own database (as the superuser ``admin_conn``) and
+checks the exact set of finding codes. Roles are cluster-wide, so role cases use a throw-away
+role with a unique name as the "runtime role" and drop it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+
+from rtv_db.cli import cli
+from rtv_db.verify import CHECKS, Finding, VerifyConfig, register_check, verify
+
+ALL_CODES = {
+    "RLS_NOT_ENABLED", "RLS_NOT_FORCED", "POLICY_MISSING", "POLICY_ALWAYS_TRUE", "POLICY_PER_ROW_CONTEXT",
+    "ROLE_MISSING", "ROLE_SUPERUSER", "ROLE_BYPASSRLS", "ROLE_OWNS_TABLE", "ROLE_TRUNCATE", "ROLE_CAN_CREATE",
+    "ROLE_CAN_CREATE_TEMP", "ROLE_MEMBER_OF_PRIVILEGED", "KEY_WITHOUT_TENANT", "FK_NOT_TENANT_COMPOSITE",
+    "INDEX_NO_TENANT_LEAD", "VIEW_NOT_SECURITY_INVOKER", "MATVIEW_OVER_TENANT", "SECDEF_NO_SEARCH_PATH",
+}
+
+
+def codes(findings: list[Finding]) -> set[str]:
+    return {f.code for f in findings}
+
+
+@pytest.fixture()
+def role_factory(admin_conn: psycopg.Connection) -> Iterator:
+    """Create uniquely named throw-away roles; drop them (and what they own here) at the end."""
+    made: list[str] = []
+
+    def make(attributes: str = "LOGIN") -> str:
+        name = f"rtv_vt_{uuid.uuid4().hex[:10]}"
+        admin_conn.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(name)))
+        made.append(name)
+        return name
+
+    yield make
+    for name in reversed(made):
+        admin_conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+        admin_conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def run(target, **kwargs) -> list[Finding]:
+    return verify(target.require_admin(), **kwargs)
+
+
+# -- the real schema ------------------------------------------------------------------------------
+
+
+def test_migrated_schema_is_clean(target):
+    findings = run(target)
+    assert findings == [], [f"{f.code} {f.object}: {f.message}" for f in findings]
+
+
+def test_clean_also_when_run_as_the_runtime_role(target):
+    assert verify(target.runtime_url) == []
+
+
+def test_every_finding_explains_itself(target, admin_conn):
+    admin_conn.execute("ALTER TABLE brand_kits NO FORCE ROW LEVEL SECURITY")
+    (finding,) = run(target)
+    assert finding.code == "RLS_NOT_FORCED" and finding.severity == "error" and finding.object == "brand_kits"
+    assert finding.message and finding.why and "FORCE ROW LEVEL SECURITY" in finding.fix
+
+
+# -- tables and policies --------------------------------------------------------------------------
+
+# A well-formed extra tenant table: each case below changes one thing about it.
+GOOD_TABLE = """
+CREATE TABLE notes (client_id uuid NOT NULL REFERENCES clients (id), id uuid NOT NULL, body text,
+                    PRIMARY KEY (client_id, id));
+ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+ALTER TABLE notes FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON notes USING (client_id = (SELECT rtv.current_tenant_id()))
+    WITH CHECK (client_id = (SELECT rtv.current_tenant_id()));
+GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO rtv_app;
+"""
+
+TABLE_CASES = {
+    "a correct extra table": ("", set()),
+    "RLS disabled": ("ALTER TABLE notes NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY",
+                     {"RLS_NOT_ENABLED", "RLS_NOT_FORCED"}),
+    "RLS not forced": ("ALTER TABLE notes NO FORCE ROW LEVEL SECURITY", {"RLS_NOT_FORCED"}),
+    "a command without policy": (
+        "DROP POLICY tenant_isolation ON notes;"
+        "CREATE POLICY sel ON notes FOR SELECT USING (client_id = (SELECT rtv.current_tenant_id()));"
+        "CREATE POLICY ins ON notes FOR INSERT WITH CHECK (client_id = (SELECT rtv.current_tenant_id()));"
+        "CREATE POLICY upd ON notes FOR UPDATE USING (client_id = (SELECT rtv.current_tenant_id()));",
+        {"POLICY_MISSING"},  # DELETE
+    ),
+    "per-command policies covering all": (
+        "DROP POLICY tenant_isolation ON notes;"
+        "CREATE POLICY sel ON notes FOR SELECT USING (client_id = (SELECT rtv.current_tenant_id()));"
+        "CREATE POLICY ins ON notes FOR INSERT WITH CHECK (client_id = (SELECT rtv.current_tenant_id()));"
+        "CREATE POLICY upd ON notes FOR UPDATE USING (client_id = (SELECT rtv.current_tenant_id()));"
+        "CREATE POLICY del ON notes FOR DELETE USING (client_id = (SELECT rtv.current_tenant_id()));",
+        set(),
+    ),
+    "a command the runtime role may not run needs no policy": (
+        "DROP POLICY tenant_isolation ON notes; REVOKE INSERT, UPDATE, DELETE ON notes FROM rtv_app;"
+        "CREATE POLICY sel ON notes FOR SELECT USING (client_id = (SELECT rtv.current_tenant_id()));",
+        set(),
+    ),
+    "only a restrictive policy": (
+        "DROP POLICY tenant_isolation ON notes;"
+        "CREATE POLICY r ON notes AS RESTRICTIVE USING (client_id = (SELECT rtv.current_tenant_id()));",
+        {"POLICY_MISSING"},
+    ),
+    "policy for another role only": (
+        "DROP POLICY tenant_isolation ON notes;"
+        "CREATE POLICY other ON notes TO rtv_system USING (client_id = (SELECT rtv.current_tenant_id()));",
+        {"POLICY_MISSING"},
+    ),
+    "USING (true)": ("CREATE POLICY leak ON notes FOR SELECT USING (true)", {"POLICY_ALWAYS_TRUE"}),
+    "a policy not about the tenant": ("CREATE POLICY leak ON notes FOR SELECT USING (body IS NOT NULL)",
+                                      {"POLICY_ALWAYS_TRUE"}),
+    "INSERT policy without check": ("CREATE POLICY leak ON notes FOR INSERT WITH CHECK (1 = 1)",
+                                    {"POLICY_ALWAYS_TRUE"}),
+    "an untenanted policy for another role only": (
+        "CREATE POLICY maintenance ON notes FOR SELECT TO rtv_owner USING (body IS NOT NULL)", set()),
+    "an untenanted policy for PUBLIC": ("CREATE POLICY leak ON notes FOR SELECT TO PUBLIC USING (body IS NOT NULL)",
+                                        {"POLICY_ALWAYS_TRUE"}),
+    "an untenanted policy for the runtime role": ("CREATE POLICY leak ON notes FOR DELETE TO rtv_app USING (true)",
+                                                  {"POLICY_ALWAYS_TRUE"}),
+    "tenant condition OR true": (
+        "CREATE POLICY leak ON notes FOR SELECT USING (client_id = (SELECT rtv.current_tenant_id()) OR body = 'x')",
+        {"POLICY_ALWAYS_TRUE"}),
+    "open when no tenant is set": (
+        "CREATE POLICY leak ON notes FOR SELECT"
+        " USING ((SELECT rtv.current_tenant_id()) IS NULL OR client_id = (SELECT rtv.current_tenant_id()))",
+        {"POLICY_ALWAYS_TRUE"}),
+    "tenant condition AND more": (
+        "ALTER POLICY tenant_isolation ON notes USING (body <> 'x' AND (client_id = (SELECT rtv.current_tenant_id())"
+        " OR client_id = (SELECT rtv.current_tenant_id())))",
+        set()),
+    "a restrictive always-true policy is harmless": ("CREATE POLICY narrow ON notes AS RESTRICTIVE USING (true)",
+                                                     set()),
+    "context function per row": (
+        "ALTER POLICY tenant_isolation ON notes USING (client_id = rtv.current_tenant_id())"
+        " WITH CHECK (client_id = rtv.current_tenant_id())",
+        {"POLICY_PER_ROW_CONTEXT"},
+    ),
+    "current_setting per row": (
+        "ALTER POLICY tenant_isolation ON notes"
+        " USING (client_id = current_setting('app.current_tenant_id')::uuid)"
+        " WITH CHECK (client_id = (SELECT current_setting('app.current_tenant_id')::uuid))",
+        {"POLICY_PER_ROW_CONTEXT"},
+    ),
+    "primary key without client_id": (
+        "ALTER TABLE notes DROP CONSTRAINT notes_pkey, ADD PRIMARY KEY (id);"
+        "CREATE INDEX ON notes (client_id)",
+        {"KEY_WITHOUT_TENANT"},
+    ),
+    "unique constraint without client_id": ("ALTER TABLE notes ADD CONSTRAINT notes_body_key UNIQUE (body)",
+                                            {"KEY_WITHOUT_TENANT"}),
+    "unique index without client_id": ("CREATE UNIQUE INDEX notes_body_idx ON notes (body)", {"KEY_WITHOUT_TENANT"}),
+    "no index leading with client_id": (
+        "ALTER TABLE notes DROP CONSTRAINT notes_pkey, ADD PRIMARY KEY (id, client_id)",
+        {"INDEX_NO_TENANT_LEAD"},
+    ),
+    "foreign key to another tenant table on id only": (
+        "ALTER TABLE notes ADD COLUMN brand_kit_id uuid;"
+        "CREATE UNIQUE INDEX brand_kits_id_idx ON brand_kits (id);"
+        "ALTER TABLE notes ADD CONSTRAINT notes_brand_kit_fkey FOREIGN KEY (brand_kit_id) REFERENCES brand_kits (id)",
+        {"FK_NOT_TENANT_COMPOSITE", "KEY_WITHOUT_TENANT"},  # the unique index on brand_kits(id) too
+    ),
+    "foreign key to clients on another column": (
+        "ALTER TABLE notes ADD COLUMN partner_id uuid REFERENCES clients (id)",
+        {"FK_NOT_TENANT_COMPOSITE"},
+    ),
+    "composite foreign key": (
+        "ALTER TABLE notes ADD COLUMN brand_kit_id uuid,"
+        " ADD FOREIGN KEY (client_id, brand_kit_id) REFERENCES brand_kits (client_id, id)",
+        set(),
+    ),
+    "view without security_invoker": ("CREATE VIEW all_notes AS SELECT * FROM notes", {"VIEW_NOT_SECURITY_INVOKER"}),
+    "view with security_invoker": ("CREATE VIEW my_notes WITH (security_invoker = true) AS SELECT * FROM notes",
+                                   set()),
+    "a view over a view over a tenant table": (
+        "CREATE VIEW my_notes WITH (security_invoker) AS SELECT * FROM notes;"
+        "CREATE VIEW note_bodies AS SELECT body FROM my_notes",
+        {"VIEW_NOT_SECURITY_INVOKER"},
+    ),
+    "a view over no tenant table": ("CREATE VIEW answer AS SELECT 42 AS n", set()),
+    "materialized view": ("CREATE MATERIALIZED VIEW note_copy AS SELECT * FROM notes", {"MATVIEW_OVER_TENANT"}),
+    "SECURITY DEFINER without search_path": (
+        "CREATE FUNCTION public.note_count() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
+        " AS 'SELECT count(*) FROM public.notes'",
+        {"SECDEF_NO_SEARCH_PATH"},
+    ),
+    "SECURITY DEFINER with search_path": (
+        "CREATE FUNCTION public.note_count() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
+        " SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.notes'",
+        set(),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES), ids=list(TABLE_CASES))
+def test_table_breakage_is_caught(target, admin_conn, case):
+    breakage, expected = TABLE_CASES[case]
+    admin_conn.execute(GOOD_TABLE)
+    if breakage:
+        admin_conn.execute(breakage)
+    findings = run(target)
+    assert codes(findings) == expected, [f"{f.code} {f.object}: {f.message}" for f in findings]
+
+
+PARTITIONED = """
+CREATE TABLE events (client_id uuid NOT NULL, id uuid NOT NULL, PRIMARY KEY (client_id, id))
+    PARTITION BY HASH (client_id);
+CREATE TABLE events_p0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+ALTER TABLE events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE events FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON events USING (client_id = (SELECT rtv.current_tenant_id()));
+GRANT SELECT ON events TO rtv_app;
+"""
+
+
+def test_partition_reachable_only_through_its_parent_is_clean(target, admin_conn):
+    admin_conn.execute(PARTITIONED)
+    assert run(target) == []
+
+
+def test_partition_granted_directly_needs_its_own_rls(target, admin_conn):
+    admin_conn.execute(PARTITIONED + "GRANT SELECT ON events_p0 TO rtv_app")
+    assert {(f.code, f.object) for f in run(target)} == {("RLS_NOT_ENABLED", "events_p0"), ("RLS_NOT_FORCED", "events_p0")}
+
+
+def test_restrictive_only_says_why(target, admin_conn):
+    admin_conn.execute(GOOD_TABLE + TABLE_CASES["only a restrictive policy"][0])
+    messages = [f.message for f in run(target) if f.code == "POLICY_MISSING"]
+    assert len(messages) == 4 and all("RESTRICTIVE" in m for m in messages)
+
+
+def test_breaking_the_real_schema(target, admin_conn):
+    admin_conn.execute("ALTER TABLE platform_actions DISABLE ROW LEVEL SECURITY;"
+                       "CREATE POLICY open ON brand_kits FOR SELECT USING (true)")
+    found = {(f.code, f.object) for f in run(target)}
+    assert ("RLS_NOT_ENABLED", "platform_actions") in found
+    assert ("POLICY_ALWAYS_TRUE", "brand_kits: policy open") in found
+
+
+def test_other_schema_is_ignored_unless_asked(target, admin_conn):
+    admin_conn.execute("CREATE SCHEMA other; CREATE TABLE other.t (client_id uuid PRIMARY KEY)")
+    assert run(target) == []
+    assert codes(run(target, schema="other")) == {"RLS_NOT_ENABLED", "RLS_NOT_FORCED"}
+
+
+# -- the runtime role -----------------------------------------------------------------------------
+
+
+def test_missing_runtime_role(target):
+    assert codes(run(target, runtime_role=f"rtv_vt_missing_{uuid.uuid4().hex[:8]}")) == {"ROLE_MISSING"}
+
+
+def test_fresh_role_is_clean(target, role_factory):
+    assert run(target, runtime_role=role_factory()) == []
+
+
+ROLE_CASES = {
+    "BYPASSRLS": ("ALTER ROLE {role} BYPASSRLS", {"ROLE_BYPASSRLS"}),
+    "owns a tenant table": ("ALTER TABLE brand_kits OWNER TO {role}", {"ROLE_OWNS_TABLE"}),
+    "TRUNCATE": ("GRANT TRUNCATE ON brand_kits TO {role}", {"ROLE_TRUNCATE"}),
+    "TRUNCATE through PUBLIC": ("GRANT TRUNCATE ON knowledge_bases TO PUBLIC", {"ROLE_TRUNCATE"}),
+    "CREATE on public": ("GRANT CREATE ON SCHEMA public TO {role}", {"ROLE_CAN_CREATE"}),
+    "CREATE on rtv": ("GRANT CREATE ON SCHEMA rtv TO {role}", {"ROLE_CAN_CREATE"}),
+    "TEMPORARY": ("GRANT TEMPORARY ON DATABASE {database} TO {role}", {"ROLE_CAN_CREATE_TEMP"}),
+    "member of a BYPASSRLS role": ("CREATE ROLE {other} NOLOGIN BYPASSRLS; GRANT {other} TO {role}",
+                                   {"ROLE_MEMBER_OF_PRIVILEGED"}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROLE_CASES), ids=list(ROLE_CASES))
+def test_role_breakage_is_caught(target, admin_conn, role_factory, case):
+    statement, expected = ROLE_CASES[case]
+    role = role_factory()
+    other = f"rtv_vt_{uuid.uuid4().hex[:10]}"
+    database = admin_conn.execute("SELECT current_database()").fetchone()[0]
+    try:
+        admin_conn.execute(statement.format(role=role, other=other, database=f'"{database}"'))
+        findings = run(target, runtime_role=role)
+    finally:
+        if "{other}" in statement:
+            admin_conn.execute(f"REVOKE {other} FROM {role}; DROP ROLE {other}")
+    assert codes(findings) == expected, [f"{f.code} {f.object}: {f.message}" for f in findings]
+
+
+def test_superuser_runtime_role(target, role_factory):
+    role = role_factory("LOGIN SUPERUSER")
+    assert "ROLE_SUPERUSER" in codes(run(target, runtime_role=role))
+
+
+def test_member_of_the_owner(target, admin_conn, role_factory):
+    role = role_factory()
+    admin_conn.execute(f"GRANT rtv_owner TO {role}")
+    try:
+        found = run(target, runtime_role=role)
+    finally:
+        admin_conn.execute(f"REVOKE rtv_owner FROM {role}")
+    assert "ROLE_MEMBER_OF_PRIVILEGED" in codes(found)
+    assert any("rtv_owner" in f.message for f in found if f.code == "ROLE_MEMBER_OF_PRIVILEGED")
+
+
+def test_the_real_runtime_role_made_unsafe(target, admin_conn):
+    admin_conn.execute("GRANT TRUNCATE ON platform_accounts TO rtv_app")
+    assert {(f.code, f.object) for f in run(target)} == {("ROLE_TRUNCATE", "platform_accounts")}
+
+
+# -- extension point ------------------------------------------------------------------------------
+
+
+def test_other_modules_can_add_checks(target):
+    def always(conn, config: VerifyConfig):
+        assert config.runtime_role == "rtv_app"
+        yield Finding("CUSTOM", "warning", "db", "m", "w", "f")
+
+    assert register_check(always) is always
+    try:
+        assert codes(run(target)) == {"CUSTOM"}
+    finally:
+        CHECKS.remove(always)
+    assert run(target) == []
+
+
+def test_explicit_checks_only(target, admin_conn):
+    from rtv_db.verify import check_views
+
+    admin_conn.execute("ALTER TABLE brand_kits NO FORCE ROW LEVEL SECURITY")
+    assert run(target, checks=[check_views]) == []
+
+
+def test_verify_never_writes(target):
+    # The connection is read-only: a check that tries to write fails instead of changing the database.
+    def writer(conn, config):
+        conn.execute("CREATE TABLE should_not_exist (x int)")
+        return []
+
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        run(target, checks=[writer])
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_clean_exits_zero(target):
+    result = CliRunner().invoke(cli, ["verify", "--database-url", target.require_admin()])
+    assert result.exit_code == 0, result.output
+    assert "clean" in result.output
+
+
+def test_cli_findings_exit_one_with_table(target, admin_conn):
+    admin_conn.execute("ALTER TABLE knowledge_chunks NO FORCE ROW LEVEL SECURITY")
+    result = CliRunner().invoke(cli, ["verify", "--database-url", target.require_admin()])
+    assert result.exit_code == 1, result.output
+    assert "RLS_NOT_FORCED" in result.output and "knowledge_chunks" in result.output and "fix:" in result.output
+
+
+def test_cli_json(target, admin_conn):
+    result = CliRunner().invoke(cli, ["verify", "--json", "--database-url", target.require_admin()])
+    assert result.exit_code == 0 and json.loads(result.output) == {"clean": True, "count": 0, "findings": []}
+    admin_conn.execute("CREATE VIEW leaky AS SELECT * FROM brand_kits")
+    result = CliRunner().invoke(cli, ["verify", "--json", "--database-url", target.require_admin()])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["clean"] is False and report["count"] == 1
+    (item,) = report["findings"]
+    assert item["code"] == "VIEW_NOT_SECURITY_INVOKER" and item["object"] == "leaky"
+    assert set(item) == {"code", "severity", "object", "message", "why", "fix"}
+
+
+def test_cli_runtime_role_option(target, role_factory):
+    role = role_factory("LOGIN BYPASSRLS")
+    result = CliRunner().invoke(cli, ["verify", "--json", "--runtime-role", role, "--database-url", target.require_admin()])
+    assert result.exit_code == 1
+    assert [f["code"] for f in json.loads(result.output)["findings"]] == ["ROLE_BYPASSRLS"]
+
+
+def test_cli_unreachable_database_exits_two():
+    result = CliRunner().invoke(cli, ["verify", "--database-url", "postgresql://nobody@127.0.0.1:1/nothing"])
+    assert result.exit_code == 2
+    assert "cannot connect" in result.output
+
+
+def test_codes_are_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "verify.md").read_text()
+    missing = [c for c in sorted(ALL_CODES) if c not in doc]
+    assert not missing, f"codes without documentation: {missing}"
