@@ -11,9 +11,11 @@ top denies by default.
     kits = scope.scoped_query(brand_kits)              # this tenant's rows, and only those
 """
 
+from .audit import AuditEvent, AuditPage, purge_audit_events, read_audit_trail, read_audit_trail_async
 from .config import Settings
 from .connection import AsyncDatabase, ConnectionInfo, Database, EngineOptions, PoolStats, check_runtime_role
 from .errors import (
+    AuditError,
     ConfigurationError,
     CrossTenantWriteError,
     DatabaseConnectionError,
@@ -37,6 +39,7 @@ from .schema import (
     KnowledgeChunk,
     PlatformAccount,
     PlatformAction,
+    audit_events,
     brand_kits,
     clients,
     knowledge_bases,
@@ -113,6 +116,13 @@ __all__ = [
     "knowledge_bases",
     "knowledge_chunks",
     "platform_actions",
+    # audit trail
+    "AuditEvent",
+    "AuditPage",
+    "read_audit_trail",
+    "read_audit_trail_async",
+    "purge_audit_events",
+    "audit_events",
     # errors
     "RtvDbError",
     "ConfigurationError",
@@ -127,4 +137,5 @@ __all__ = [
     "CrossTenantWriteError",
     "UnscopedWriteError",
     "InvalidInputError",
+    "AuditError",
 ]
