@@ -48,14 +48,14 @@ __all__ = [
 
 AUDIT_ACTIONS = ("INSERT", "UPDATE", "DELETE")
 MAX_PAGE_SIZE = 1000
-_CURSOR_VERSION = "1"
+_CURSOR_VERSION = "1"  # bump when the cursor's content changes; old cursors are then refused
 
 
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One recorded change. ``changed_columns`` holds names only (UPDATE), None for INSERT/DELETE."""
 
-    id: int
+    id: uuid.UUID
     client_id: uuid.UUID
     occurred_at: datetime
     action: str
@@ -104,7 +104,7 @@ def _encode_cursor(event: AuditEvent) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     invalid = InvalidInputError("invalid audit trail cursor: pass the next_cursor of a previous page unchanged")
     if not isinstance(cursor, str) or not 0 < len(cursor) <= 200:
         raise invalid
@@ -112,7 +112,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         version, when, event_id = raw.split("|")
         occurred_at = datetime.fromisoformat(when)
-        position = (occurred_at, int(event_id))
+        position = (occurred_at, uuid.UUID(event_id))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise invalid from None
     if version != _CURSOR_VERSION or occurred_at.tzinfo is None:

@@ -14,9 +14,7 @@ from typing import Any, ClassVar
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     ARRAY,
-    BigInteger,
     DateTime,
-    Identity,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -232,7 +230,7 @@ class AuditEventRecord(Base):
     )
 
     client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), server_default=func.gen_random_uuid())
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.clock_timestamp())
     action: Mapped[str] = mapped_column(Text)
     table_name: Mapped[str] = mapped_column(Text)
