@@ -154,6 +154,19 @@ def test_platform_actions_and_clients_are_audited(db, system, tenants, account_a
     assert events[2].row_id == tenants.a and "name" in events[2].changed_columns
 
 
+def test_only_real_changes_are_recorded(db, system, tenants):
+    with db.engine.connect() as conn, conn.begin():
+        conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": None, "c": "noop"})
+        # ON CONFLICT DO NOTHING that inserts nothing: no event (the trigger runs AFTER the row exists).
+        conn.execute(text("INSERT INTO brand_kits (client_id, name) VALUES (:t, 'Brand A') ON CONFLICT DO NOTHING"), {"t": tenants.a})
+        # An UPDATE that changes no value is still an UPDATE statement on the row: recorded, no column named.
+        conn.execute(text("UPDATE brand_kits SET name = name"))
+        # An UPDATE matching no row (another tenant's, hidden by RLS): nothing.
+        conn.execute(text("UPDATE brand_kits SET name = 'x' WHERE client_id = :b"), {"b": tenants.b})
+    events = all_events(system, correlation_id="noop")
+    assert [(e.action, e.changed_columns) for e in events] == [("UPDATE", ())]
+
+
 def test_a_rollback_leaves_no_event(db, system, tenants):
     scope = with_tenant_scope(db, tenants.a, correlation_id="rolled-back")
     with pytest.raises(RuntimeError):
