@@ -124,15 +124,18 @@ def test_raw_sql_on_the_runtime_role_is_audited(db, system, tenants):
         conn.execute(text("INSERT INTO knowledge_chunks (client_id, knowledge_base_id, content) VALUES (:t, :i, 'c1'), (:t, :i, 'c2')"),
                      {"t": tenants.a, "i": kb})
         conn.execute(text("UPDATE knowledge_bases SET description = 'd' WHERE id = :i"), {"i": kb})
+        conn.execute(text("UPDATE knowledge_chunks SET embedding = CAST(array_fill(0.25, ARRAY[384]) AS vector) WHERE content = 'c1'"))
         # A cascade is audited too: deleting the base deletes (and records) its chunks.
         conn.execute(text("DELETE FROM knowledge_bases WHERE id = :i"), {"i": kb})
 
     events = all_events(system, correlation_id="raw-1")
     summary = [(e.action, e.table_name) for e in events]
-    assert summary[:4] == [
-        ("INSERT", "knowledge_bases"), ("INSERT", "knowledge_chunks"), ("INSERT", "knowledge_chunks"), ("UPDATE", "knowledge_bases")]
+    assert summary[:5] == [
+        ("INSERT", "knowledge_bases"), ("INSERT", "knowledge_chunks"), ("INSERT", "knowledge_chunks"),
+        ("UPDATE", "knowledge_bases"), ("UPDATE", "knowledge_chunks")]
+    assert events[4].changed_columns == ("embedding",)
     # The cascade's order relative to the base's own event is PostgreSQL's trigger order.
-    assert sorted(summary[4:]) == [("DELETE", "knowledge_bases"), ("DELETE", "knowledge_chunks"), ("DELETE", "knowledge_chunks")]
+    assert sorted(summary[5:]) == [("DELETE", "knowledge_bases"), ("DELETE", "knowledge_chunks"), ("DELETE", "knowledge_chunks")]
     assert {e.client_id for e in events} == {tenants.a}
     assert {e.user_id for e in events} == {"svc-indexer"}
     assert events[3].changed_columns == ("description",)
