@@ -11,6 +11,7 @@ top denies by default.
     kits = scope.scoped_query(brand_kits)              # this tenant's rows, and only those
 """
 
+from .audit import AuditEvent, AuditPage, purge_audit_events, read_audit_trail, read_audit_trail_async
 from .config import Settings
 from .connection import (
     AsyncDatabase,
@@ -25,6 +26,7 @@ from .connection import (
     test_connection,
 )
 from .errors import (
+    AuditError,
     ConfigurationError,
     CrossTenantWriteError,
     DatabaseConnectionError,
@@ -48,6 +50,7 @@ from .schema import (
     KnowledgeChunk,
     PlatformAccount,
     PlatformAction,
+    audit_events,
     brand_kits,
     clients,
     knowledge_bases,
@@ -128,6 +131,13 @@ __all__ = [
     "knowledge_bases",
     "knowledge_chunks",
     "platform_actions",
+    # audit trail
+    "AuditEvent",
+    "AuditPage",
+    "read_audit_trail",
+    "read_audit_trail_async",
+    "purge_audit_events",
+    "audit_events",
     # errors
     "RtvDbError",
     "ConfigurationError",
@@ -142,4 +152,5 @@ __all__ = [
     "CrossTenantWriteError",
     "UnscopedWriteError",
     "InvalidInputError",
+    "AuditError",
 ]

@@ -263,6 +263,69 @@ def demo(ctx: click.Context, database_url: str | None) -> None:
     run_demo(console, database_url=database_url, data_dir=ctx.obj["data_dir"])
 
 
+# -- audit ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """Read and prune the audit trail."""
+
+
+@audit.command("purge")
+@database_url_option
+@click.option("--older-than", "older_than", required=True, help="Age of the events to remove: 90d, 12h, 30m, 45s, 2w.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+@_fail_cleanly
+def audit_purge(ctx: click.Context, database_url: str | None, older_than: str, yes: bool) -> None:
+    """Delete every tenant's audit events older than --older-than (owner-level retention)."""
+    from .audit import parse_age, purge_audit_events
+
+    age = parse_age(older_than)
+    target = target_for(database_url, ctx.obj["data_dir"])
+    if not yes:
+        click.confirm(f"delete audit events older than {age} on {redact_url(target.require_admin())}?", abort=True)
+    removed = purge_audit_events(target.require_admin(), age)
+    console.print(f"removed {removed} audit event(s) older than {age}", highlight=False)
+
+
+@audit.command("show")
+@database_url_option
+@click.option("--tenant", "tenant_id", required=True, help="The tenant (client id) whose trail to show.")
+@click.option("--table", default=None, help="Only events of this table.")
+@click.option("--row-id", default=None, help="Only events of this row.")
+@click.option("--correlation-id", default=None, help="Only events of this correlation id.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.pass_context
+@_fail_cleanly
+def audit_show(ctx: click.Context, database_url: str | None, tenant_id: str, table: str | None, row_id: str | None,
+               correlation_id: str | None, limit: int) -> None:
+    """Show a tenant's newest audit events, read as that tenant (the runtime role, RLS-bound)."""
+    from rich.table import Table as RichTable
+
+    from .audit import read_audit_trail
+    from .connection import Database
+    from .tenant import with_tenant_scope
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    db = Database(target.runtime_url)
+    try:
+        page = read_audit_trail(with_tenant_scope(db, tenant_id), table=table, row_id=row_id,
+                                correlation_id=correlation_id, limit=limit)
+    finally:
+        db.close()
+    out = RichTable(title=f"audit trail of tenant {tenant_id} (newest first)")
+    for column in ("time", "action", "table", "row", "changed columns", "lane", "user", "correlation", "role"):
+        out.add_column(column, overflow="fold")
+    for e in page.events:
+        out.add_row(e.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f"), e.action, e.table_name, str(e.row_id)[:8],
+                    ", ".join(e.changed_columns or ()), e.lane or "", e.user_id or "", (e.correlation_id or "")[:12],
+                    e.db_role)
+    console.print(out)
+    if page.next_cursor:
+        console.print("(more: older events exist; raise --limit to see them)", highlight=False)
+
+
 def main() -> None:
     cli(prog_name="rtv-db")
 

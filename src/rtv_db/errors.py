@@ -21,6 +21,7 @@ __all__ = [
     "CrossTenantWriteError",
     "UnscopedWriteError",
     "InvalidInputError",
+    "AuditError",
 ]
 
 
@@ -81,3 +82,7 @@ class UnscopedWriteError(TenantError):
 
 class InvalidInputError(RtvDbError, ValueError):
     """Input that fails validation before reaching the database (unknown column, oversized value)."""
+
+
+class AuditError(RtvDbError):
+    """An audit trail operation failed in the database (e.g. a purge by a role that may not purge)."""

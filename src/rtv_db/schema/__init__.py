@@ -4,6 +4,7 @@ from .models import (
     ACTION_STATUSES,
     EMBEDDING_DIM,
     PLATFORMS,
+    AuditEventRecord,
     Base,
     BrandKit,
     Client,
@@ -22,11 +23,13 @@ brand_kits = BrandKit.__table__
 knowledge_bases = KnowledgeBase.__table__
 knowledge_chunks = KnowledgeChunk.__table__
 platform_actions = PlatformAction.__table__
+audit_events = AuditEventRecord.__table__
 
 __all__ = [
     "ACTION_STATUSES",
     "EMBEDDING_DIM",
     "PLATFORMS",
+    "AuditEventRecord",
     "Base",
     "BrandKit",
     "Client",
@@ -43,4 +46,5 @@ __all__ = [
     "knowledge_bases",
     "knowledge_chunks",
     "platform_actions",
+    "audit_events",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "KnowledgeBase",
     "KnowledgeChunk",
     "PlatformAction",
+    "AuditEventRecord",
     "metadata",
     "EMBEDDING_DIM",
     "PLATFORMS",
@@ -211,6 +212,35 @@ class PlatformAction(TenantModel):
     updated_at: Mapped[datetime] = _updated()
 
     platform_account: Mapped[PlatformAccount] = relationship(back_populates="actions")
+
+
+class AuditEventRecord(Base):
+    """One row of the append-only audit trail (migration 0003); written only by the audit trigger.
+
+    Not a :class:`TenantModel`: the application never inserts or updates it (the runtime role
+    may only SELECT, and RLS shows it its own tenant's events). Read it with
+    :func:`rtv_db.audit.read_audit_trail`.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        PrimaryKeyConstraint("client_id", "occurred_at", "id", name="audit_events_pkey"),
+        Index("audit_events_client_id_row_id_idx", "client_id", "row_id"),
+        {"comment": "Append-only audit trail of tenant tables: names of changed columns, never values"},
+    )
+
+    client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), server_default=func.gen_random_uuid())
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.clock_timestamp())
+    action: Mapped[str] = mapped_column(Text)
+    table_name: Mapped[str] = mapped_column(Text)
+    row_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    changed_columns: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    platform_account_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    lane: Mapped[str | None] = mapped_column(Text)
+    user_id: Mapped[str | None] = mapped_column(Text)
+    correlation_id: Mapped[str | None] = mapped_column(Text)
+    db_role: Mapped[str] = mapped_column(Text, server_default=text("SESSION_USER"))
 
 
 def tenant_tables() -> list[str]:
