@@ -154,6 +154,7 @@ def connect_error(url: str, exc: BaseException) -> DatabaseConnectionError:
 
 
 def _install(engine: Engine, url: str, *, check_role: bool) -> None:
+    from .citus import install_error_mapping
     from .tenant._transaction import install_context_hooks
 
     if check_role:
@@ -171,6 +172,8 @@ def _install(engine: Engine, url: str, *, check_role: bool) -> None:
                 raise connect_error(url, context.original_exception) from context.original_exception
 
     install_context_hooks(engine)
+    # On Citus, error messages name shards (brand_kits_102033): map them back to table names.
+    install_error_mapping(engine)
 
 
 class Database:

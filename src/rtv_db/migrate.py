@@ -4,6 +4,10 @@ Given a superuser (or CREATEROLE) URL on an empty database, :func:`migrate` runs
 ``migrations/bootstrap.sql`` (roles, database grants, the pgvector extension) and then the
 Alembic revisions as the owner role, all in one transaction under an advisory lock, so two
 deployments migrating at once do not interleave. Run again, it changes nothing.
+
+On a Citus coordinator (the ``citus`` extension is installed), a second transaction under the
+same lock then distributes the tables (:mod:`rtv_db.citus`); on plain PostgreSQL that step is
+one catalog lookup and nothing else.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sqlalchemy import Connection, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from . import citus
 from .config import Settings, redact_url, to_sqlalchemy_url
 from .connection import connect_error
 from .errors import MigrationError
@@ -39,6 +44,7 @@ class MigrationResult:
 
     before: str | None
     after: str | None
+    citus_actions: tuple[str, ...] = ()  # what the Citus step did (empty on plain PostgreSQL)
 
     @property
     def changed(self) -> bool:
@@ -115,12 +121,21 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
             else:
                 command.downgrade(cfg, revision)
             after = _revision(conn)
+        actions: list[str] = []
+        if action == "upgrade":
+            # Its own transaction: the tables exist (committed) before Citus copies their
+            # definitions to the workers, and a failure here leaves a migrated schema that the
+            # next run distributes (every step is skipped when already done).
+            with engine.begin() as conn:
+                if citus.is_citus(conn):
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+                    actions = citus.distribute(conn, runtime_role=settings.runtime_role)
     except SQLAlchemyError as exc:
         raise MigrationError(f"{action} to {revision} failed on {redact_url(url)}: {getattr(exc, 'orig', None) or exc}") from exc
     finally:
         engine.dispose()
     _log.info("%s %s -> %s", action, before, after)
-    return MigrationResult(before=before, after=after)
+    return MigrationResult(before=before, after=after, citus_actions=tuple(actions))
 
 
 def migrate(admin_url: str, settings: Settings | None = None, revision: str = "head") -> MigrationResult:

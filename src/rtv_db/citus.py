@@ -1,0 +1,717 @@
+"""Citus (distributed PostgreSQL): the same schema and isolation, distributed by ``client_id``.
+
+What this module does, and only on a server where the ``citus`` extension exists:
+
+* :func:`plan_distribution` reads the migrated schema and says what Citus needs: ``clients``
+  and every other table without ``client_id`` become *reference* tables (a copy on every
+  node); every tenant table is *distributed* by ``client_id`` and co-located with the first
+  one, parents before children so that each composite foreign key finds its parent already
+  distributed. It also lists what Citus would refuse (a unique key without ``client_id``, a
+  foreign key Citus cannot enforce, a policy with a subquery it cannot rewrite, a trigger).
+* :func:`apply_distribution` carries the plan out, idempotently (a table that is already a
+  Citus table is skipped), in the caller's transaction. ``rtv-db migrate`` calls
+  :func:`distribute` in its own transaction right after the Alembic upgrade.
+* :func:`check_citus` is the ``rtv-db verify`` part: findings when a tenant table is not
+  distributed by ``client_id``, not co-located, or ``clients`` is not a reference table.
+* :func:`unshard_message` and :func:`install_error_mapping` turn shard names in error
+  messages (``brand_kits_102033``) back into table names, so callers never see them.
+
+Three Citus facts shape this (see docs/citus.md for the sources):
+
+* Citus refuses a policy whose expression contains a subquery ("cannot create policy"). The
+  migrations wrap the context functions in a scalar subselect, ``(SELECT
+  rtv.current_tenant_id())``, so that plain PostgreSQL evaluates them once per statement. On
+  Citus those policies are rewritten to call the function directly: same value (the function
+  is STABLE), no subquery.
+* The tenant context must reach the workers. ``SET LOCAL`` (which ``rtv.set_tenant_context``
+  runs) is sent to them when ``citus.propagate_set_commands = 'local'``; ``set_config()``
+  never is. The runtime role gets that setting with ``ALTER ROLE ... IN DATABASE ... SET``.
+* The policies call ``rtv.*`` functions on the workers, so every function of the ``rtv``
+  schema is distributed (``create_distributed_function``, without a distribution argument:
+  ``rtv.set_tenant_context`` must run on the coordinator, never be delegated to a worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, event, text
+
+from .config import ROLE_NAME
+from .errors import MigrationError
+
+__all__ = [
+    "TENANT_COLUMN",
+    "TableKind",
+    "PlannedTable",
+    "PolicyRewrite",
+    "DistributionPlan",
+    "CitusFinding",
+    "is_citus",
+    "plan_distribution",
+    "rewrite_policy_expression",
+    "apply_policy_rewrites",
+    "apply_distribution",
+    "distribute",
+    "plan_findings",
+    "check_citus",
+    "unshard_message",
+    "install_error_mapping",
+    "SUPERSEDED_VERIFY_CODES",
+]
+
+_log = logging.getLogger("rtv_db.citus")
+
+TENANT_COLUMN = "client_id"
+# Alembic's bookkeeping stays a plain coordinator table: nothing joins it, only migrate reads it.
+_IGNORED_TABLES = frozenset({"alembic_version"})
+# Functions distributed to the workers: the ones the policies call live here.
+_FUNCTION_SCHEMA = "rtv"
+_PROPAGATE_SETTING = "citus.propagate_set_commands"
+
+# verify codes (src/rtv_db/verify.py) that do not apply on Citus: Citus forbids the scalar
+# subselect that check recommends, so the per-row call is the only form a policy can take.
+SUPERSEDED_VERIFY_CODES = frozenset({"POLICY_PER_ROW_CONTEXT"})
+
+TableKind = Literal["reference", "distributed"]
+CitusState = Literal["local", "reference", "distributed"]
+
+
+# -- detection -------------------------------------------------------------------------------------
+
+
+def is_citus(conn: Connection) -> bool:
+    """True when the ``citus`` extension is installed in this database (one catalog lookup)."""
+    return bool(
+        conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')").scalar()
+    )
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTable:
+    """One table of the plan: what it should be on Citus, and what it is now."""
+
+    name: str  # table name, in the plan's schema
+    kind: TableKind
+    distribution_column: str | None  # client_id for distributed tables, None for reference tables
+    colocate_with: str | None  # the anchor table for distributed tables (None for the anchor itself)
+    parents: tuple[str, ...]  # tables this one has a foreign key to
+    state: CitusState = "local"
+    current_column: str | None = None
+    colocation_id: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """Already what the plan wants (a re-run skips it)."""
+        if self.kind == "reference":
+            return self.state == "reference"
+        return self.state == "distributed" and self.current_column == self.distribution_column
+
+
+@dataclass(frozen=True)
+class PolicyRewrite:
+    """A policy whose expressions wrap a function call in a scalar subselect, and the Citus form."""
+
+    table: str
+    policy: str
+    using: str | None
+    with_check: str | None
+    old_using: str | None
+    old_with_check: str | None
+
+
+@dataclass(frozen=True)
+class DistributionPlan:
+    """What Citus needs for one schema; computed by :func:`plan_distribution`."""
+
+    schema: str
+    tables: tuple[PlannedTable, ...]
+    policy_rewrites: tuple[PolicyRewrite, ...] = ()
+    functions: tuple[str, ...] = ()  # rtv functions (regprocedure text) not yet distributed
+    problems: tuple[str, ...] = ()  # what Citus would refuse; nothing is applied while any exists
+    citus: bool = False
+
+    @property
+    def reference_tables(self) -> list[PlannedTable]:
+        return [t for t in self.tables if t.kind == "reference"]
+
+    @property
+    def distributed_tables(self) -> list[PlannedTable]:
+        return [t for t in self.tables if t.kind == "distributed"]
+
+    @property
+    def anchor(self) -> str | None:
+        """The table every tenant table is co-located with (the first distributed table)."""
+        dist = self.distributed_tables
+        return dist[0].name if dist else None
+
+    @property
+    def pending(self) -> list[PlannedTable]:
+        return [t for t in self.tables if not t.done]
+
+    def table(self, name: str) -> PlannedTable:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+_TABLES_SQL = text(
+    """
+    SELECT c.oid, c.relname,
+           (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attname = :col AND NOT a.attisdropped) AS tenant_type,
+           (SELECT a.attnotnull FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attname = :col AND NOT a.attisdropped) AS tenant_not_null
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = :schema AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+    ORDER BY c.relname
+    """
+)
+
+# Key columns by name, in key order (NULL for an expression column).
+_FKS_SQL = text(
+    """
+    SELECT con.conname, src.relname, tgt.relname, tn.nspname,
+           ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+                 ORDER BY k.ord)::text[],
+           ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum
+                 ORDER BY k.ord)::text[],
+           con.confdeltype::text, con.confupdtype::text
+    FROM pg_catalog.pg_constraint con
+    JOIN pg_catalog.pg_class src ON src.oid = con.conrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = src.relnamespace
+    JOIN pg_catalog.pg_class tgt ON tgt.oid = con.confrelid
+    JOIN pg_catalog.pg_namespace tn ON tn.oid = tgt.relnamespace
+    WHERE con.contype = 'f' AND n.nspname = :schema AND NOT src.relispartition
+    ORDER BY src.relname, con.conname
+    """
+)
+
+_UNIQUE_SQL = text(
+    """
+    SELECT c.relname, i.relname,
+           ARRAY(SELECT a.attname FROM unnest(x.indkey[0:x.indnkeyatts - 1]) k(attnum)
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum)::text[]
+    FROM pg_catalog.pg_index x
+    JOIN pg_catalog.pg_class c ON c.oid = x.indrelid
+    JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE x.indisunique AND n.nspname = :schema AND NOT c.relispartition
+    ORDER BY c.relname, i.relname
+    """
+)
+
+_POLICIES_SQL = text(
+    """
+    SELECT c.relname, p.polname, pg_catalog.pg_get_expr(p.polqual, p.polrelid),
+           pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid)
+    FROM pg_catalog.pg_policy p
+    JOIN pg_catalog.pg_class c ON c.oid = p.polrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = :schema
+    ORDER BY c.relname, p.polname
+    """
+)
+
+_TRIGGERS_SQL = text(
+    """
+    SELECT c.relname, t.tgname
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE NOT t.tgisinternal AND n.nspname = :schema
+    ORDER BY c.relname, t.tgname
+    """
+)
+
+_FUNCTIONS_SQL = text(
+    """
+    SELECT p.oid, p.oid::regprocedure::text
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = :schema AND p.prokind IN ('f', 'p')
+    ORDER BY 2
+    """
+)
+
+# partkey NULL + repmodel 't' is a reference table; partkey NULL otherwise a Citus local table
+# (the same rule as Citus's own citus_tables view).
+_CITUS_TABLES_SQL = text(
+    """
+    SELECT p.logicalrelid::oid,
+           CASE WHEN p.partkey IS NOT NULL THEN 'distributed'
+                WHEN p.repmodel = 't' THEN 'reference'
+                ELSE 'local' END,
+           CASE WHEN p.partkey IS NOT NULL THEN column_to_column_name(p.logicalrelid, p.partkey) END,
+           p.colocationid
+    FROM pg_catalog.pg_dist_partition p
+    """
+)
+
+
+def _distributed_function_oids(conn: Connection) -> set[int]:
+    # pg_dist_object moved from the citus schema to pg_catalog in Citus 11.0.
+    rel = conn.exec_driver_sql(
+        "SELECT COALESCE(to_regclass('pg_catalog.pg_dist_object'), to_regclass('citus.pg_dist_object'))::text"
+    ).scalar()
+    if rel is None:
+        return set()
+    rows = conn.exec_driver_sql(
+        f"SELECT objid FROM {rel} WHERE classid = 'pg_catalog.pg_proc'::regclass"  # rel is a catalog name
+    )
+    return {int(r[0]) for r in rows}
+
+
+# ( SELECT rtv.current_tenant_id() AS current_tenant_id) -> rtv.current_tenant_id()
+_SCALAR_SUBSELECT = re.compile(
+    r"\(\s*SELECT\s+((?:[A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*\(\))(?:\s+AS\s+[A-Za-z_][A-Za-z0-9_]*)?\s*\)",
+    re.IGNORECASE,
+)
+_SUBQUERY = re.compile(r"\bSELECT\b", re.IGNORECASE)
+
+
+def rewrite_policy_expression(expression: str | None) -> str | None:
+    """``expression`` with every ``(SELECT schema.fn())`` replaced by ``schema.fn()``.
+
+    Raises ValueError when a subquery remains (one that is not a bare zero-argument function
+    call cannot be rewritten mechanically; Citus would refuse the policy).
+    """
+    if expression is None:
+        return None
+    rewritten = _SCALAR_SUBSELECT.sub(r"\1", expression)
+    if _SUBQUERY.search(rewritten):
+        raise ValueError(f"subquery left in policy expression: {rewritten}")
+    return rewritten
+
+
+def _toposort(names: Sequence[str], edges: Mapping[str, set[str]]) -> list[str]:
+    """``names`` with every table after the tables it references (by name otherwise)."""
+    pending = {n: {p for p in edges.get(n, set()) if p in names and p != n} for n in names}
+    order: list[str] = []
+    while pending:
+        ready = sorted(n for n, deps in pending.items() if not deps)
+        if not ready:  # a cycle: keep the rest in name order; Citus reports it if it matters
+            ready = sorted(pending)
+        for n in ready:
+            order.append(n)
+            del pending[n]
+        for deps in pending.values():
+            deps.difference_update(ready)
+    return order
+
+
+def plan_distribution(
+    conn: Connection,
+    schema: str | None = None,
+    *,
+    tenant_column: str = TENANT_COLUMN,
+    function_schema: str = _FUNCTION_SCHEMA,
+    allow_triggers: bool = False,
+) -> DistributionPlan:
+    """The distribution plan of ``schema`` (the current schema by default), from the catalog.
+
+    Works on plain PostgreSQL too (every table is then ``local``): the plan is the same.
+    """
+    schema = schema or conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+    citus = is_citus(conn)
+    tables = [r for r in conn.execute(_TABLES_SQL, {"schema": schema, "col": tenant_column}) if r[1] not in _IGNORED_TABLES]
+    names = [r[1] for r in tables]
+    tenant = {r[1] for r in tables if r[2] is not None}
+    oid_of = {r[1]: int(r[0]) for r in tables}
+    problems: list[str] = []
+
+    fks = list(conn.execute(_FKS_SQL, {"schema": schema}))
+    edges: dict[str, set[str]] = {}
+    for conname, src, tgt, tgt_schema, cols, ref_cols, on_delete, on_update in fks:
+        if src not in oid_of:
+            continue
+        if tgt_schema != schema or tgt not in oid_of:
+            problems.append(f"{src}: foreign key {conname} references {tgt_schema}.{tgt}, outside the distributed schema")
+            continue
+        edges.setdefault(src, set()).add(tgt)
+        if src not in tenant:
+            if tgt in tenant:
+                problems.append(
+                    f"{src}: foreign key {conname} from a reference table to the distributed table {tgt}"
+                    " (Citus supports foreign keys from distributed to reference tables, not the reverse)"
+                )
+            continue
+        if tgt not in tenant:
+            continue  # distributed -> reference: supported
+        if tenant_column not in cols or tenant_column not in ref_cols or cols.index(tenant_column) != ref_cols.index(tenant_column):
+            problems.append(
+                f"{src}: foreign key {conname} to {tgt} does not pair {tenant_column} with {tenant_column}"
+                " (Citus needs the distribution column at the same position on both sides)"
+            )
+            continue
+        if on_delete in ("n", "d"):
+            problems.append(f"{src}: foreign key {conname} has ON DELETE SET NULL/SET DEFAULT on the distribution column")
+        if on_update in ("n", "d", "c"):
+            problems.append(f"{src}: foreign key {conname} has ON UPDATE SET NULL/SET DEFAULT/CASCADE on the distribution column")
+
+    for table, index, cols in conn.execute(_UNIQUE_SQL, {"schema": schema}):
+        if table in tenant and tenant_column not in cols:
+            problems.append(f"{table}: unique index {index} ({', '.join(c or '<expr>' for c in cols)}) lacks {tenant_column}")
+
+    types = {r[2] for r in tables if r[2] is not None}
+    if len(types) > 1:
+        problems.append(f"{tenant_column} has different types across tables ({', '.join(sorted(types))}); co-location needs one type")
+    for r in tables:
+        if r[2] is not None and not r[3]:
+            problems.append(f"{r[1]}: {tenant_column} is nullable (a distribution column value cannot be NULL)")
+
+    state: dict[int, tuple[str, str | None, int | None]] = {}
+    if citus:
+        state = {int(r[0]): (r[1], r[2], r[3]) for r in conn.execute(_CITUS_TABLES_SQL)}
+
+    rewrites: list[PolicyRewrite] = []
+    for table, policy, using, check in conn.execute(_POLICIES_SQL, {"schema": schema}):
+        if table not in oid_of or state.get(oid_of[table], ("local",))[0] != "local":
+            continue  # a Citus table already carries a Citus-compatible policy
+        if not (_SUBQUERY.search(using or "") or _SUBQUERY.search(check or "")):
+            continue
+        try:
+            rewrites.append(PolicyRewrite(table, policy, rewrite_policy_expression(using),
+                                          rewrite_policy_expression(check), using, check))
+        except ValueError as exc:
+            problems.append(f"{table}: policy {policy} has a subquery Citus refuses and rtv-db cannot rewrite ({exc})")
+
+    if not allow_triggers:
+        for table, trigger in conn.execute(_TRIGGERS_SQL, {"schema": schema}):
+            if table in oid_of and state.get(oid_of[table], ("local",))[0] == "local":
+                problems.append(
+                    f"{table}: trigger {trigger} (Citus runs triggers on the shards only with"
+                    " citus.enable_unsafe_triggers; this path is not verified for rtv-db)"
+                )
+
+    functions: list[str] = []
+    distributed_functions = _distributed_function_oids(conn) if citus else set()
+    for oid, signature in conn.execute(_FUNCTIONS_SQL, {"schema": function_schema}):
+        if int(oid) not in distributed_functions:
+            functions.append(signature)
+
+    reference = _toposort([n for n in names if n not in tenant], edges)
+    distributed = _toposort([n for n in names if n in tenant], edges)
+    anchor = distributed[0] if distributed else None
+    planned: list[PlannedTable] = []
+    for n in reference + distributed:
+        kind: TableKind = "distributed" if n in tenant else "reference"
+        current = state.get(oid_of[n], ("local", None, None))
+        planned.append(PlannedTable(
+            name=n,
+            kind=kind,
+            distribution_column=tenant_column if kind == "distributed" else None,
+            colocate_with=None if kind == "reference" or n == anchor else anchor,
+            parents=tuple(sorted(p for p in edges.get(n, set()) if p != n)),
+            state=current[0],  # type: ignore[arg-type]
+            current_column=current[1],
+            colocation_id=current[2],
+        ))
+    for t in planned:
+        if t.state != "local" and not t.done:
+            problems.append(f"{t.name}: already a Citus {t.state} table"
+                            + (f" distributed by {t.current_column}" if t.current_column else "")
+                            + f", but the plan wants a {t.kind} table (undistribute_table() first)")
+    done_dist = [t for t in planned if t.kind == "distributed" and t.done]
+    if len({t.colocation_id for t in done_dist}) > 1:
+        problems.append("the distributed tenant tables are in different colocation groups: "
+                        + ", ".join(f"{t.name}={t.colocation_id}" for t in done_dist))
+    return DistributionPlan(schema, tuple(planned), tuple(rewrites), tuple(functions), tuple(problems), citus)
+
+
+# -- applying it -------------------------------------------------------------------------------------
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _qualified(schema: str, name: str) -> str:
+    return f"{_ident(schema)}.{_ident(name)}"
+
+
+def apply_policy_rewrites(conn: Connection, plan: DistributionPlan) -> list[str]:
+    """Re-state each policy of ``plan.policy_rewrites`` without its subselects (ALTER POLICY).
+
+    Roles and command are untouched; only the expressions change, to an equivalent form.
+    """
+    done = []
+    for rw in plan.policy_rewrites:
+        clauses = []
+        if rw.using is not None:
+            clauses.append(f"USING ({rw.using})")
+        if rw.with_check is not None:
+            clauses.append(f"WITH CHECK ({rw.with_check})")
+        conn.exec_driver_sql(
+            f"ALTER POLICY {_ident(rw.policy)} ON {_qualified(plan.schema, rw.table)} {' '.join(clauses)}",
+            execution_options={"no_parameters": True},
+        )
+        done.append(f"policy {rw.policy} on {rw.table} without subselects")
+    return done
+
+
+def _role_has_propagation(conn: Connection, role: str) -> bool:
+    row = conn.execute(
+        text(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM pg_catalog.pg_db_role_setting s
+                JOIN pg_catalog.pg_roles r ON r.oid = s.setrole
+                CROSS JOIN LATERAL unnest(s.setconfig) AS c(setting)
+                WHERE r.rolname = :role
+                  AND s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+                  AND c.setting = :setting)
+            """
+        ),
+        {"role": role, "setting": f"{_PROPAGATE_SETTING}=local"},
+    ).scalar()
+    return bool(row)
+
+
+def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role: str,
+                       allow_triggers: bool = False) -> list[str]:
+    """Carry ``plan`` out on ``conn`` (inside the caller's transaction); return what was done.
+
+    Raises :class:`MigrationError` before changing anything when the plan has problems.
+    Run as the admin login (superuser): it creates distributed objects and alters a role.
+    """
+    if plan.problems:
+        raise MigrationError("Citus cannot distribute this schema as it is:\n  - " + "\n  - ".join(plan.problems))
+    if not ROLE_NAME.match(runtime_role):
+        raise MigrationError(f"refusing role name {runtime_role!r}")
+    actions: list[str] = []
+    # One connection per worker for everything below: distributing tables that reference a
+    # reference table, and distributing functions, inside one transaction need it.
+    conn.exec_driver_sql("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
+    if allow_triggers:
+        conn.exec_driver_sql("SET LOCAL citus.enable_unsafe_triggers TO on")
+    actions += apply_policy_rewrites(conn, plan)
+    for signature in plan.functions:
+        # No distribution argument: the function is created on every node and never delegated.
+        conn.execute(text("SELECT create_distributed_function(CAST(:f AS regprocedure))"), {"f": signature})
+        actions.append(f"function {signature} distributed")
+    for t in plan.pending:
+        table = _qualified(plan.schema, t.name)
+        if t.kind == "reference":
+            conn.execute(text("SELECT create_reference_table(CAST(:t AS regclass))"), {"t": table})
+            actions.append(f"{t.name}: reference table")
+        else:
+            colocate = _qualified(plan.schema, t.colocate_with) if t.colocate_with else "none"
+            conn.execute(
+                text("SELECT create_distributed_table(CAST(:t AS regclass), :col, colocate_with => :co)"),
+                {"t": table, "col": t.distribution_column, "co": colocate},
+            )
+            actions.append(f"{t.name}: distributed by {t.distribution_column}"
+                           + (f", co-located with {t.colocate_with}" if t.colocate_with else ""))
+    if not _role_has_propagation(conn, runtime_role):
+        database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
+        conn.exec_driver_sql(
+            f"ALTER ROLE {_ident(runtime_role)} IN DATABASE {_ident(database)} SET {_PROPAGATE_SETTING} = 'local'"
+        )
+        actions.append(f"role {runtime_role}: {_PROPAGATE_SETTING} = 'local' in database {database}")
+    for a in actions:
+        _log.info("citus: %s", a)
+    return actions
+
+
+def distribute(conn: Connection, *, runtime_role: str, schema: str | None = None,
+               allow_triggers: bool = False) -> list[str]:
+    """Plan and apply on ``conn`` (a Citus coordinator, in a transaction); [] when nothing was left."""
+    plan = plan_distribution(conn, schema, allow_triggers=allow_triggers)
+    if not plan.citus:
+        raise MigrationError("the citus extension is not installed in this database")
+    return apply_distribution(conn, plan, runtime_role=runtime_role, allow_triggers=allow_triggers)
+
+
+# -- verify ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CitusFinding:
+    """One Citus problem, in the shape of ``rtv_db.verify.Finding`` (same fields)."""
+
+    code: str
+    severity: Literal["error", "warning"]
+    object: str
+    message: str
+    why: str
+    fix: str
+
+
+_FIX_MIGRATE = "run `rtv-db migrate` against the coordinator: it distributes what is missing"
+
+
+def plan_findings(plan: DistributionPlan, *, propagation_set: bool, runtime_role: str) -> Iterator[CitusFinding]:
+    """The findings a plan implies (pure: no database access)."""
+    # Co-location is judged against the anchor, or the first tenant table already distributed right.
+    settled = [t for t in plan.distributed_tables if t.done]
+    anchor = plan.table(plan.anchor) if plan.anchor and plan.table(plan.anchor).done else (settled[0] if settled else None)
+    for t in plan.tables:
+        obj = f"{plan.schema}.{t.name}"
+        if t.kind == "reference" and t.state != "reference":
+            yield CitusFinding(
+                "CITUS_NOT_REFERENCE", "error", obj, f"{t.name} has no {TENANT_COLUMN} and is not a reference table",
+                "tenant tables reference it; on a worker the foreign keys and joins need a local copy",
+                _FIX_MIGRATE)
+        elif t.kind == "distributed" and t.state == "local":
+            yield CitusFinding(
+                "CITUS_NOT_DISTRIBUTED", "error", obj, f"{t.name} is a plain table on the coordinator",
+                "every tenant table must be distributed by client_id, or it neither scales out nor co-locates",
+                _FIX_MIGRATE)
+        elif t.kind == "distributed" and t.current_column != t.distribution_column:
+            yield CitusFinding(
+                "CITUS_WRONG_DISTRIBUTION_COLUMN", "error", obj,
+                f"{t.name} is a Citus {t.state} table" + (f" distributed by {t.current_column}" if t.current_column else ""),
+                "scoped queries carry client_id = <tenant>; only distribution by client_id routes them to one shard",
+                f"SELECT undistribute_table('{obj}'); then {_FIX_MIGRATE}")
+        elif t.kind == "distributed" and anchor is not None and t.done and t.colocation_id != anchor.colocation_id:
+            yield CitusFinding(
+                "CITUS_NOT_COLOCATED", "error", obj,
+                f"{t.name} is in colocation group {t.colocation_id}, {anchor.name} in {anchor.colocation_id}",
+                "composite foreign keys and joins on client_id need one tenant's rows of every table on one node",
+                f"SELECT update_distributed_table_colocation('{obj}', colocate_with => '{plan.schema}.{anchor.name}')")
+    for rw in plan.policy_rewrites:
+        yield CitusFinding(
+            "CITUS_POLICY_SUBQUERY", "error", f"{plan.schema}.{rw.table}: policy {rw.policy}",
+            f"policy {rw.policy} wraps a function call in a subquery", "Citus refuses subqueries in policies",
+            _FIX_MIGRATE)
+    for signature in plan.functions:
+        yield CitusFinding(
+            "CITUS_FUNCTION_NOT_DISTRIBUTED", "error", f"function {signature}",
+            f"{signature} is not distributed to the workers",
+            "policies run on the workers and call the rtv functions there", _FIX_MIGRATE)
+    if not propagation_set:
+        yield CitusFinding(
+            "CITUS_SET_NOT_PROPAGATED", "error", f"role {runtime_role}",
+            f"{_PROPAGATE_SETTING} is not 'local' for {runtime_role}",
+            "without it SET LOCAL stays on the coordinator: the workers see no tenant and return no rows",
+            _FIX_MIGRATE)
+    for p in plan.problems:
+        yield CitusFinding("CITUS_UNSUPPORTED", "error", plan.schema, p,
+                           "Citus refuses this schema object when distributing", "change the schema (a new revision)")
+
+
+def check_citus(conn: Connection, config: Any = None) -> Iterator[CitusFinding]:
+    """``rtv-db verify``'s Citus checks; nothing at all on plain PostgreSQL.
+
+    ``config`` is verify's config object (``schema``, ``runtime_role``, ``tenant_column`` are read
+    when present).
+    """
+    if not is_citus(conn):
+        return
+    schema = getattr(config, "schema", None)
+    runtime_role = getattr(config, "runtime_role", "rtv_app")
+    tenant_column = getattr(config, "tenant_column", TENANT_COLUMN)
+    plan = plan_distribution(conn, schema, tenant_column=tenant_column)
+    yield from plan_findings(plan, propagation_set=_role_has_propagation(conn, runtime_role), runtime_role=runtime_role)
+
+
+# -- shard names in error messages -------------------------------------------------------------------
+
+# A quoted identifier ending in _<shard id>: "brand_kits_102033", "brand_kits_pkey_102033".
+_SHARD_NAME = re.compile(r'"([A-Za-z_][A-Za-z0-9_$]*?)_(\d+)"')
+# Shard ids start at 102008 by default; a long-enough suffix tells a shard from a name like t_2.
+_GENERIC_MIN_DIGITS = 6
+_WORKER_CONTEXT = re.compile(r"\n?CONTEXT:\s+while executing command on [^\n]*")
+
+
+def unshard_message(message: str, known_names: Iterable[str] | None = None, *, generic: bool | None = None) -> str:
+    """``message`` with shard names replaced by the logical names and worker addresses removed.
+
+    A quoted name ``"<name>_<digits>"`` becomes ``"<name>"`` when ``<name>`` is one of
+    ``known_names`` (tables, constraints, indexes) and ``<name>_<digits>`` itself is not. With
+    ``generic`` (the default when no names are given), an unknown ``<name>`` is mapped too when
+    the suffix has at least six digits, as Citus shard ids do.
+    """
+    known = frozenset(known_names or ())
+    generic = not known if generic is None else generic
+
+    def replace(match: re.Match[str]) -> str:
+        base, digits = match.group(1), match.group(2)
+        if f"{base}_{digits}" in known:  # a real name that happens to end in digits
+            return match.group(0)
+        if base in known or (generic and len(digits) >= _GENERIC_MIN_DIGITS):
+            return f'"{base}"'
+        return match.group(0)
+
+    return _WORKER_CONTEXT.sub("", _SHARD_NAME.sub(replace, message))
+
+
+_KNOWN_NAMES_SQL = """
+SELECT c.relname FROM pg_catalog.pg_dist_partition p JOIN pg_catalog.pg_class c ON c.oid = p.logicalrelid
+UNION SELECT con.conname FROM pg_catalog.pg_constraint con
+      JOIN pg_catalog.pg_dist_partition p ON p.logicalrelid = con.conrelid
+UNION SELECT i.relname FROM pg_catalog.pg_index x
+      JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid
+      JOIN pg_catalog.pg_dist_partition p ON p.logicalrelid = x.indrelid
+"""
+
+
+def _static_names() -> set[str]:
+    """Table, constraint and index names of the models: known even before any catalog lookup."""
+    from .schema import metadata
+
+    names: set[str] = set()
+    for table in metadata.tables.values():
+        names.add(table.name)
+        names.update(str(c.name) for c in table.constraints if c.name)
+        names.update(str(i.name) for i in table.indexes if i.name)
+    return names
+
+
+@dataclass
+class _MappingState:
+    detected: bool = False
+    citus: bool = False
+    names: set[str] = field(default_factory=set)
+
+
+def _detect(dbapi_connection: Any, state: _MappingState) -> None:
+    # The pool's DBAPI connection: psycopg's, or SQLAlchemy's sync adapter of the async one.
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')")
+        state.citus = bool(cur.fetchone()[0])
+        if state.citus:
+            try:
+                cur.execute(_KNOWN_NAMES_SQL)
+                state.names.update(r[0] for r in cur.fetchall())
+            except Exception:  # not readable by this role: the static names and the generic rule remain
+                _log.debug("citus: shard-name lookup unavailable", exc_info=True)
+    finally:
+        cur.close()
+    dbapi_connection.rollback()
+    state.detected = True
+
+
+def install_error_mapping(engine: Engine, *, known_names: Iterable[str] | None = None, force: bool = False) -> None:
+    """Rewrite shard names out of the errors ``engine`` raises, when the server is Citus.
+
+    Detection runs once per engine, on its first connection (one catalog query). ``force``
+    (with ``known_names``) turns the mapping on without detection, for tests.
+    """
+    state = _MappingState(detected=force, citus=force, names=set(known_names or ()))
+    state.names |= _static_names()
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if not state.detected:
+            _detect(dbapi_connection, state)
+
+    @event.listens_for(engine, "handle_error")
+    def _unshard(context: Any) -> None:
+        if not state.citus:
+            return
+        for exc in (context.original_exception, context.sqlalchemy_exception):
+            if exc is None or len(getattr(exc, "args", ())) != 1 or not isinstance(exc.args[0], str):
+                continue
+            exc.args = (unshard_message(exc.args[0], state.names, generic=True),)

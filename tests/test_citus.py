@@ -1,0 +1,450 @@
+"""Citus: the distribution plan, its checks, shard-name mapping, and the isolation suite on Citus.
+
+Two kinds of tests live here.
+
+* Tests that run everywhere (the embedded PostgreSQL): the plan computed from the real migrated
+  schema, the problems it reports, the verify findings it implies, the shard-name mapping, and
+  that ``migrate`` on plain PostgreSQL does not try to distribute anything.
+* The isolation suite, parametrised over two backends: ``postgres`` is the embedded server with
+  the policies rewritten to the form Citus accepts (so the rewrite is proven to keep isolation
+  here), ``citus`` is a real Citus coordinator given by ``CITUS_URL`` (an admin/superuser URL),
+  skipped when that variable is not set. Citus-only tests (distribution metadata, EXPLAIN
+  routing, functions on the workers) are marked ``citus`` and skipped the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.pool import NullPool
+
+from conftest import make_tenants
+from rtv_db import Database, SystemScope, brand_kits, citus, with_tenant_scope
+from rtv_db.config import Settings, to_sqlalchemy_url
+from rtv_db.errors import MigrationError
+from rtv_db.migrate import head_revision, migrate
+from rtv_db.targets import Target
+
+CITUS_URL = os.environ.get("CITUS_URL")
+needs_citus = pytest.mark.skipif(not CITUS_URL, reason="no Citus coordinator: set CITUS_URL (an admin URL) to run")
+SHARD_SUFFIX = re.compile(r"[a-z_]+_\d{5,}")
+TENANT_TABLES = {"platform_accounts", "brand_kits", "knowledge_bases", "knowledge_chunks", "platform_actions"}
+
+
+def _admin_engine(url: str):  # noqa: ANN202
+    return create_engine(to_sqlalchemy_url(url), poolclass=NullPool)
+
+
+# -- the plan, on the real migrated schema ---------------------------------------------------------
+
+
+@pytest.fixture()
+def admin_sa(target: Target) -> Iterator[Connection]:
+    engine = _admin_engine(target.require_admin())
+    with engine.connect() as conn:
+        yield conn
+    engine.dispose()
+
+
+def test_plan_of_the_migrated_schema(admin_sa: Connection) -> None:
+    plan = citus.plan_distribution(admin_sa)
+    assert plan.schema == "public"
+    assert not plan.citus
+    assert plan.problems == ()
+    assert [t.name for t in plan.reference_tables] == ["clients"]
+    dist = [t.name for t in plan.distributed_tables]
+    assert set(dist) == TENANT_TABLES
+    # Parents before children: a composite foreign key needs its parent distributed first.
+    assert dist.index("knowledge_bases") < dist.index("knowledge_chunks")
+    assert dist.index("platform_accounts") < dist.index("platform_actions")
+    anchor = plan.anchor
+    for t in plan.distributed_tables:
+        assert t.distribution_column == "client_id"
+        assert t.colocate_with == (None if t.name == anchor else anchor)
+        assert t.state == "local" and not t.done
+    assert "clients" in plan.table("brand_kits").parents
+    assert plan.table("knowledge_chunks").parents == ("knowledge_bases",)
+    # Every policy wraps the context functions in a subselect; each gets a Citus form.
+    assert {rw.table for rw in plan.policy_rewrites} == TENANT_TABLES | {"clients"}
+    for rw in plan.policy_rewrites:
+        assert "SELECT" in (rw.old_using or "") + (rw.old_with_check or "")
+        assert "SELECT" not in (rw.using or "") + (rw.with_check or "")
+        assert "rtv.current_tenant_id()" in (rw.using or "")
+    assert {"rtv.current_tenant_id()", "rtv.to_uuid_or_null(text)",
+            "rtv.set_tenant_context(uuid,uuid,text,text,text)"} <= set(plan.functions)
+
+
+def test_rewrite_policy_expression() -> None:
+    rw = citus.rewrite_policy_expression
+    assert rw("(client_id = ( SELECT rtv.current_tenant_id() AS current_tenant_id))") == "(client_id = rtv.current_tenant_id())"
+    assert rw("((SELECT rtv.current_tenant_id() AS current_tenant_id) IS NULL OR (client_id = ( SELECT "
+              "rtv.current_tenant_id() AS current_tenant_id)))") == \
+        "(rtv.current_tenant_id() IS NULL OR (client_id = rtv.current_tenant_id()))"
+    assert rw(None) is None
+    assert rw("(client_id = rtv.current_tenant_id())") == "(client_id = rtv.current_tenant_id())"
+    with pytest.raises(ValueError):
+        rw("(client_id IN ( SELECT clients.id FROM clients))")
+
+
+def test_plan_reports_what_citus_refuses(target: Target, admin_conn: psycopg.Connection) -> None:
+    admin_conn.execute("""
+        CREATE TABLE widgets (client_id uuid NOT NULL, id uuid NOT NULL, code text,
+                              PRIMARY KEY (client_id, id), UNIQUE (id, client_id), UNIQUE (code));
+        CREATE TABLE gadgets (client_id uuid NOT NULL, id uuid NOT NULL, widget_id uuid,
+                              PRIMARY KEY (client_id, id),
+                              CONSTRAINT gadgets_swapped_fkey FOREIGN KEY (client_id, widget_id)
+                                  REFERENCES widgets (id, client_id));
+        CREATE TABLE loose (client_id uuid, note text);
+        CREATE TABLE gizmos (client_id uuid NOT NULL, id uuid NOT NULL, widget_id uuid, PRIMARY KEY (id, client_id),
+                             CONSTRAINT gizmos_setnull_fkey FOREIGN KEY (client_id, widget_id)
+                                 REFERENCES widgets (client_id, id) ON DELETE SET NULL);
+        CREATE TABLE notes (id int PRIMARY KEY, w_client uuid, w_id uuid,
+                            CONSTRAINT notes_to_tenant_fkey FOREIGN KEY (w_client, w_id) REFERENCES widgets (client_id, id));
+        ALTER TABLE widgets ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY by_client_list ON widgets USING (client_id IN (SELECT id FROM clients));
+        CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+        CREATE TRIGGER widgets_touch BEFORE UPDATE ON widgets FOR EACH ROW EXECUTE FUNCTION touch();
+    """)
+    engine = _admin_engine(target.require_admin())
+    with engine.connect() as conn:
+        plan = citus.plan_distribution(conn)
+        problems = "\n".join(plan.problems)
+        assert "widgets: unique index widgets_code_key (code) lacks client_id" in problems
+        assert "gadgets: foreign key gadgets_swapped_fkey to widgets does not pair client_id" in problems
+        assert "gizmos: foreign key gizmos_setnull_fkey has ON DELETE SET NULL" in problems
+        assert "loose: client_id is nullable" in problems
+        assert "notes: foreign key notes_to_tenant_fkey from a reference table to the distributed table widgets" in problems
+        assert "widgets: policy by_client_list has a subquery" in problems
+        assert "widgets: trigger widgets_touch" in problems
+        assert "notes" in [t.name for t in plan.reference_tables]
+        # Nothing is attempted while problems remain (the migrated tables stay as they were).
+        conn.rollback()
+        with conn.begin():
+            with pytest.raises(MigrationError, match="cannot distribute this schema"):
+                citus.apply_distribution(conn, plan, runtime_role="rtv_app")
+        relaxed = citus.plan_distribution(conn, allow_triggers=True).problems
+        assert not any("trigger" in p for p in relaxed) and len(relaxed) == len(plan.problems) - 1
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_policies WHERE strpos(qual, 'SELECT rtv.current_tenant_id()') > 0").scalar() == 6
+    engine.dispose()
+
+
+# -- verify findings -------------------------------------------------------------------------------
+
+
+def test_check_citus_is_silent_on_plain_postgres(admin_sa: Connection) -> None:
+    assert list(citus.check_citus(admin_sa, None)) == []
+
+
+def test_findings_of_an_undistributed_schema(admin_sa: Connection) -> None:
+    plan = citus.plan_distribution(admin_sa)
+    findings = list(citus.plan_findings(plan, propagation_set=False, runtime_role="rtv_app"))
+    codes = {(f.code, f.object) for f in findings}
+    assert ("CITUS_NOT_REFERENCE", "public.clients") in codes
+    for t in TENANT_TABLES:
+        assert ("CITUS_NOT_DISTRIBUTED", f"public.{t}") in codes
+    assert ("CITUS_SET_NOT_PROPAGATED", "role rtv_app") in codes
+    assert ("CITUS_FUNCTION_NOT_DISTRIBUTED", "function rtv.current_tenant_id()") in codes
+    assert all(f.why and f.fix and f.message for f in findings)
+
+
+def _done(name: str, column: str | None, colocation: int, kind: str = "distributed") -> citus.PlannedTable:
+    return citus.PlannedTable(name, kind, "client_id" if kind == "distributed" else None, None, (),  # type: ignore[arg-type]
+                              state=kind, current_column=column, colocation_id=colocation)  # type: ignore[arg-type]
+
+
+def test_findings_of_a_distributed_schema() -> None:
+    good = citus.DistributionPlan("public", (
+        _done("clients", None, 1, "reference"), _done("brand_kits", "client_id", 2), _done("knowledge_bases", "client_id", 2)),
+        citus=True)
+    assert list(citus.plan_findings(good, propagation_set=True, runtime_role="rtv_app")) == []
+    bad = citus.DistributionPlan("public", (
+        _done("clients", "id", 3), _done("brand_kits", "client_id", 2), _done("knowledge_bases", "client_id", 4),
+        _done("knowledge_chunks", "id", 2), _done("countries", None, 5, "reference")), citus=True)
+    codes = {(f.code, f.object) for f in citus.plan_findings(bad, propagation_set=True, runtime_role="rtv_app")}
+    assert ("CITUS_NOT_COLOCATED", "public.knowledge_bases") in codes
+    assert ("CITUS_WRONG_DISTRIBUTION_COLUMN", "public.knowledge_chunks") in codes
+    assert ("CITUS_WRONG_DISTRIBUTION_COLUMN", "public.clients") in codes
+    assert ("CITUS_NOT_COLOCATED", "public.brand_kits") not in codes
+
+
+# -- shard names in error messages -----------------------------------------------------------------
+
+KNOWN = {"brand_kits", "brand_kits_client_id_name_key", "knowledge_chunks", "knowledge_bases",
+         "knowledge_chunks_knowledge_base_fkey", "audit_events_202611"}
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ('new row violates row-level security policy for table "brand_kits_102033"\n'
+     "CONTEXT:  while executing command on localhost:9701",
+     'new row violates row-level security policy for table "brand_kits"'),
+    ('duplicate key value violates unique constraint "brand_kits_client_id_name_key_102041"\n'
+     "DETAIL:  Key (client_id, name)=(7f6c…, Brand A) already exists.\n"
+     "CONTEXT:  while executing command on 10.0.0.12:5432",
+     'duplicate key value violates unique constraint "brand_kits_client_id_name_key"\n'
+     "DETAIL:  Key (client_id, name)=(7f6c…, Brand A) already exists."),
+    ('insert or update on table "knowledge_chunks_102072" violates foreign key constraint '
+     '"knowledge_chunks_knowledge_base_fkey_102072"\nDETAIL:  Key is not present in table "knowledge_bases_102040".',
+     'insert or update on table "knowledge_chunks" violates foreign key constraint '
+     '"knowledge_chunks_knowledge_base_fkey"\nDETAIL:  Key is not present in table "knowledge_bases".'),
+    # A real name that ends in digits stays; a shard of it loses only the shard id.
+    ('relation "audit_events_202611" is busy', 'relation "audit_events_202611" is busy'),
+    ('relation "audit_events_202611_102090" is busy', 'relation "audit_events_202611" is busy'),
+    # Unknown short suffixes are left alone.
+    ('column "slot_2" of relation "brand_kits" does not exist', 'column "slot_2" of relation "brand_kits" does not exist'),
+])
+def test_unshard_message(message: str, expected: str) -> None:
+    assert citus.unshard_message(message, KNOWN) == expected
+
+
+def test_unshard_message_generic_rule() -> None:
+    # No names known: a six-digit (or longer) suffix is a shard id, a shorter one is not.
+    assert citus.unshard_message('for table "invoices_102033"') == 'for table "invoices"'
+    assert citus.unshard_message('for table "invoices_2024"') == 'for table "invoices_2024"'
+
+
+def test_error_mapping_hook_rewrites_raised_errors(target: Target, admin_conn: psycopg.Connection) -> None:
+    # A table that carries a shard-style name, as a worker's shard does; the hook is forced on
+    # (this server is no Citus) and must turn the raised exception's text back to logical names.
+    admin_conn.execute('CREATE TABLE "widgets_102033" (code text CONSTRAINT "widgets_code_key_102033" UNIQUE)')
+    admin_conn.execute("INSERT INTO widgets_102033 VALUES ('a')")
+    mapped = _admin_engine(target.require_admin())
+    citus.install_error_mapping(mapped, known_names={"widgets", "widgets_code_key"}, force=True)
+    with pytest.raises(IntegrityError) as caught, mapped.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO widgets_102033 VALUES ('a')")
+    # The message (not the SQL text, which names the table as written) loses the shard suffix.
+    assert str(caught.value).splitlines()[0] == \
+        '(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "widgets_code_key"'
+    assert "102033" not in str(caught.value.orig)
+    assert isinstance(caught.value.orig, psycopg.errors.UniqueViolation)
+    mapped.dispose()
+    # Installed but not forced: on plain PostgreSQL the message passes through untouched.
+    plain = _admin_engine(target.require_admin())
+    citus.install_error_mapping(plain)
+    with pytest.raises(IntegrityError) as caught, plain.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO widgets_102033 VALUES ('a')")
+    assert '"widgets_code_key_102033"' in str(caught.value)
+    plain.dispose()
+
+
+# -- migrate ---------------------------------------------------------------------------------------
+
+
+def test_migrate_on_plain_postgres_does_not_distribute(empty_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    looked: list[bool] = []
+    real_is_citus = citus.is_citus
+
+    def spy_is_citus(conn: Connection) -> bool:
+        looked.append(real_is_citus(conn))
+        return looked[-1]
+
+    def no_distribute(*args: object, **kwargs: object) -> list[str]:
+        raise AssertionError("distribute() must not run on plain PostgreSQL")
+
+    monkeypatch.setattr(citus, "is_citus", spy_is_citus)
+    monkeypatch.setattr(citus, "distribute", no_distribute)
+    result = migrate(empty_target.require_admin(), empty_target.settings)
+    assert result.after == head_revision()
+    assert result.citus_actions == ()
+    assert looked == [False]
+
+
+def test_migrate_distributes_after_the_upgrade_when_citus(empty_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_distribute(conn: Connection, *, runtime_role: str) -> list[str]:
+        # Runs in its own transaction, after the Alembic one committed, under the migration lock.
+        seen["revision"] = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        seen["locked"] = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()").scalar()
+        seen["role"] = runtime_role
+        return ["brand_kits: distributed by client_id"]
+
+    monkeypatch.setattr(citus, "is_citus", lambda conn: True)
+    monkeypatch.setattr(citus, "distribute", fake_distribute)
+    result = migrate(empty_target.require_admin(), empty_target.settings)
+    assert result.citus_actions == ("brand_kits: distributed by client_id",)
+    assert seen == {"revision": head_revision(), "locked": 1, "role": "rtv_app"}
+
+
+# -- the isolation suite, on both backends ---------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    db: Database
+    system: SystemScope
+    admin_url: str
+
+
+@pytest.fixture(scope="module")
+def citus_target() -> Iterator[Target]:
+    """The Citus coordinator of CITUS_URL, migrated (and so distributed) once for the module."""
+    if not CITUS_URL:
+        pytest.skip("no Citus coordinator: set CITUS_URL (an admin URL) to run")
+    settings = Settings.from_env()
+    admin = to_sqlalchemy_url(CITUS_URL)
+    migrate(admin, settings)
+    yield Target(admin, settings.derived_runtime_url(admin), settings.derived_system_url(admin), settings)
+
+
+@pytest.fixture(params=["postgres", "citus"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "citus":
+        t: Target = request.getfixturevalue("citus_target")
+    else:
+        # The embedded server, with the policies in the form migrate gives them on Citus.
+        t = request.getfixturevalue("target")
+        engine = _admin_engine(t.require_admin())
+        with engine.begin() as conn:
+            citus.apply_policy_rewrites(conn, citus.plan_distribution(conn))
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_policies WHERE qual ~* 'select'").scalar() == 0
+        engine.dispose()
+    db = Database(t.runtime_url)
+    system = SystemScope(t.system_url, reason="citus isolation tests")  # type: ignore[arg-type]
+    yield Backend(request.param, db, system, t.require_admin())
+    db.close()
+    system.close()
+
+
+@pytest.fixture()
+def two(backend: Backend) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
+    ids = make_tenants(backend.system, f"A{uuid.uuid4().hex[:6]}", f"B{uuid.uuid4().hex[:6]}")
+    yield ids[0], ids[1]
+    with backend.system.transaction() as conn:  # the Citus database is shared between runs
+        conn.execute(text("DELETE FROM clients WHERE id = ANY(:ids)"), {"ids": list(ids)})
+
+
+def test_scoped_query_sees_only_own_rows(backend: Backend, two: tuple[uuid.UUID, uuid.UUID]) -> None:
+    a, b = two
+    rows_a = with_tenant_scope(backend.db, a).scoped_query(brand_kits)
+    rows_b = with_tenant_scope(backend.db, b).scoped_query(brand_kits)
+    assert [r.client_id for r in rows_a] == [a]
+    assert [r.client_id for r in rows_b] == [b]
+
+
+def test_no_context_sees_zero_rows(backend: Backend, two: tuple[uuid.UUID, uuid.UUID]) -> None:
+    with backend.db.engine.connect() as conn:
+        for table in ("clients", "brand_kits", "platform_accounts", "knowledge_bases"):
+            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+
+
+def test_context_reaches_every_shard(backend: Backend, two: tuple[uuid.UUID, uuid.UUID]) -> None:
+    # No client_id predicate: on Citus this fans out to every shard, and RLS on each worker
+    # must see the tenant (SET LOCAL propagated). Zero rows here means the context was lost.
+    a, _ = two
+    with with_tenant_scope(backend.db, a).scoped_transaction() as scope:
+        assert scope.connection.execute(text("SELECT count(*) FROM brand_kits")).scalar() == 1
+        assert scope.connection.execute(text("SELECT client_id FROM brand_kits")).scalar() == a
+        # The same through a server-side prepared statement.
+        driver = scope.connection.connection.driver_connection
+        for _ in range(3):
+            assert driver.execute("SELECT count(*) FROM brand_kits", prepare=True).fetchone()[0] == 1  # type: ignore[union-attr]
+
+
+def test_cross_tenant_insert_refused(backend: Backend, two: tuple[uuid.UUID, uuid.UUID]) -> None:
+    a, b = two
+    with pytest.raises(DBAPIError) as caught:
+        with with_tenant_scope(backend.db, a).scoped_transaction() as scope:
+            scope.connection.execute(
+                text("INSERT INTO brand_kits (client_id, name) VALUES (:b, 'planted')"), {"b": b})
+    assert "row-level security" in str(caught.value)
+    assert not SHARD_SUFFIX.search(str(caught.value)), str(caught.value)
+    assert "planted" not in [r.name for r in with_tenant_scope(backend.db, b).scoped_query(brand_kits)]
+
+
+def test_moving_a_row_to_another_tenant_refused(backend: Backend, two: tuple[uuid.UUID, uuid.UUID]) -> None:
+    a, b = two
+    with pytest.raises(DBAPIError) as caught:
+        with with_tenant_scope(backend.db, a).scoped_transaction() as scope:
+            scope.connection.execute(text("UPDATE brand_kits SET client_id = :b WHERE client_id = :a"), {"a": a, "b": b})
+    assert not SHARD_SUFFIX.search(str(caught.value)), str(caught.value)
+    assert len(with_tenant_scope(backend.db, a).scoped_query(brand_kits)) == 1
+
+
+def test_constraint_errors_name_tables_not_shards(backend: Backend, two: tuple[uuid.UUID, uuid.UUID]) -> None:
+    a, _ = two
+    scope = with_tenant_scope(backend.db, a)
+    name = scope.scoped_query(brand_kits)[0].name
+    with pytest.raises(IntegrityError) as caught:
+        scope.scoped_insert(brand_kits, {"name": name})
+    assert '"brand_kits_client_id_name_key"' in str(caught.value)
+    assert not SHARD_SUFFIX.search(str(caught.value)), str(caught.value)
+
+
+# -- Citus only --------------------------------------------------------------------------------------
+
+
+@needs_citus
+@pytest.mark.citus
+def test_migrate_distributed_every_tenant_table(citus_target: Target) -> None:
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.connect() as conn:
+        rows = {r[0]: r[1:] for r in conn.exec_driver_sql("""
+            SELECT logicalrelid::regclass::text, partmethod::text, repmodel::text,
+                   column_to_column_name(logicalrelid, partkey), colocationid
+            FROM pg_dist_partition""")}
+        assert rows["clients"][0] == "n" and rows["clients"][1] == "t"  # a reference table
+        colocations = set()
+        for table in TENANT_TABLES:
+            method, _, column, colocation = rows[table]
+            assert (method, column) == ("h", "client_id"), table
+            colocations.add(colocation)
+        assert len(colocations) == 1
+        assert list(citus.check_citus(conn, None)) == []
+        plan = citus.plan_distribution(conn)
+        assert plan.citus and plan.pending == [] and plan.functions == () and plan.policy_rewrites == ()
+        # The policy functions exist on every worker.
+        results = conn.exec_driver_sql(
+            "SELECT success, result FROM run_command_on_workers($$SELECT rtv.current_tenant_id() IS NULL$$)").all()
+        assert results and all(ok and res == "t" for ok, res in results)
+    engine.dispose()
+    assert migrate(citus_target.require_admin(), citus_target.settings).citus_actions == ()
+
+
+@needs_citus
+@pytest.mark.citus
+def test_runtime_role_propagates_set_local(citus_target: Target) -> None:
+    with Database(citus_target.runtime_url).engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW citus.propagate_set_commands").scalar() == "local"
+
+
+def _explain(conn: Connection, stmt: object) -> str:
+    compiled = stmt.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
+    return "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params))
+
+
+@needs_citus
+@pytest.mark.citus
+def test_scoped_point_query_is_routed_to_one_shard(citus_target: Target) -> None:
+    from rtv_db.tenant._statements import build_select
+
+    system = SystemScope(citus_target.system_url, reason="citus routing test")  # type: ignore[arg-type]
+    db = Database(citus_target.runtime_url)
+    (a,) = make_tenants(system, f"R{uuid.uuid4().hex[:6]}")
+    try:
+        scope = with_tenant_scope(db, a)
+        kit = scope.scoped_query(brand_kits)[0]
+        with scope.scoped_transaction() as tx:
+            point = _explain(tx.connection, build_select(brand_kits, scope.context, [brand_kits.c.id == kit.id]))
+            listing = _explain(tx.connection, build_select(brand_kits, scope.context))
+            fan_out = "\n".join(r[0] for r in tx.connection.exec_driver_sql("EXPLAIN SELECT * FROM brand_kits"))
+        assert "Task Count: 1" in point, point
+        assert "Task Count: 1" in listing, listing
+        # RLS alone is not a routing predicate: without client_id the query goes to every shard.
+        count = int(re.search(r"Task Count: (\d+)", fan_out).group(1))  # type: ignore[union-attr]
+        assert count > 1, fan_out
+    finally:
+        with system.transaction() as conn:
+            conn.execute(text("DELETE FROM clients WHERE id = :a"), {"a": a})
+        db.close()
+        system.close()
