@@ -677,7 +677,29 @@ def verify(
     with conn:
         # Read-only by construction: the linter never changes what it inspects.
         conn.execute("SET default_transaction_read_only = on")
-        return run_checks(conn, config, checks)
+        findings = run_checks(conn, config, checks)
+        on_citus = conn.execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus'").fetchone()
+    if on_citus and checks is None:
+        findings = _with_citus_findings(url, config, findings)
+    return findings
+
+
+def _with_citus_findings(url: str, config: VerifyConfig, findings: list[Finding]) -> list[Finding]:
+    """On Citus: add the distribution checks, and drop the findings Citus makes moot."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from . import citus
+    from .config import to_sqlalchemy_url
+
+    engine = create_engine(to_sqlalchemy_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as sa_conn:
+            extra = [Finding(**asdict(f)) for f in citus.check_citus(sa_conn, config)]
+    finally:
+        engine.dispose()
+    kept = [f for f in findings if f.code not in citus.SUPERSEDED_VERIFY_CODES]
+    return sorted(kept + extra, key=lambda f: (_SEVERITY_ORDER.get(f.severity, 9), f.code, f.object))
 
 
 def findings_to_json(findings: Iterable[Finding]) -> str:
