@@ -27,6 +27,7 @@ from rtv_db import Database, SystemScope, migrate
 from rtv_db.config import Settings, to_libpq_url, to_sqlalchemy_url
 from rtv_db.schema import brand_kits, clients
 from rtv_db.server import EmbeddedServer
+from rtv_db.signing import generate_key
 from rtv_db.targets import Target
 
 TEMPLATE = "rtv_test_template"
@@ -53,6 +54,8 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    # One tenant context signing key for the run: `migrate` installs it, every Database signs with it.
+    os.environ.setdefault("RTV_DB_CONTEXT_KEY", f"{generate_key().key_id}:{generate_key().hex}")
     settings = Settings(admin_url=None, runtime_url=None)
     external = os.environ.get("RTV_DB_TEST_ADMIN_URL")
     if external:

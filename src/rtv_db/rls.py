@@ -15,7 +15,7 @@ from sqlalchemy import Connection, text
 
 from .connection import Database
 from .errors import InvalidInputError
-from .tenant._transaction import CONTEXT_OPTION, context_params
+from .tenant._transaction import CONTEXT_OPTION, context_statement
 from .tenant.context import Lane, TenantContext, use_tenant_context
 
 __all__ = ["set_tenant_context", "clear_tenant_context", "get_current_tenant", "with_rls_context", "is_rls_enabled", "rls_status"]
@@ -32,10 +32,9 @@ def set_tenant_context(conn: Connection, tenant_id: uuid.UUID | str, platform_ac
     ctx = TenantContext(tenant_id, platform_account_id, lane)  # type: ignore[arg-type]
     if not conn.in_transaction():
         conn.begin()
-    conn.execute(
-        text("SELECT rtv.set_tenant_context(CAST(:t AS uuid), CAST(:p AS uuid), CAST(:l AS text), CAST(:u AS text), CAST(:c AS text))"),
-        dict(zip("tplua", context_params(ctx))),
-    )
+    # Signed (a token for this connection's backend) or, in unsigned mode, the plain ids.
+    sql, params = context_statement(conn, ctx)
+    conn.exec_driver_sql(sql, params)
     return ctx
 
 
