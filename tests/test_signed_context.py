@@ -53,7 +53,9 @@ def _token(conn: psycopg.Connection, tenant: uuid.UUID, *, key: ContextKey | Non
 def _with_token(conn: psycopg.Connection, token: str, user_id: str | None = None, correlation_id: str | None = "corr-1") -> None:
     """Set a token as injected SQL would: set_config, bypassing the setter's own check."""
     conn.execute("SELECT set_config('app.tenant_token', %s, true), set_config('app.current_user_id', %s, true),"
-                 " set_config('app.correlation_id', %s, true)", (token, user_id or "", correlation_id or ""))
+                 " set_config('app.correlation_id', %s, true),"
+                 " set_config('app.tenant_token_xact', extract(epoch FROM now())::text, true)",
+                 (token, user_id or "", correlation_id or ""))
 
 
 def _names(conn: psycopg.Connection) -> list[str]:
@@ -384,3 +386,77 @@ def test_downgrade_restores_the_unsigned_functions(empty_target, cluster):
         assert conn.execute("SELECT prosecdef FROM pg_proc WHERE oid = 'rtv.current_tenant_id()'::regprocedure").fetchone()[0] is False
         assert conn.execute("SELECT to_regnamespace('rtv_secret')").fetchone()[0] is None
     migrate(admin, cluster.settings)
+
+
+def test_a_token_planted_for_later_transactions_is_stale(runtime, tenants):
+    """Injected SQL keeps its own valid token session-wide on a pooled connection: the next
+    transaction (another tenant's request, or one with no context) must not inherit it."""
+    token = _token(runtime, tenants.a)
+    runtime.execute("SELECT set_config('app.tenant_token', %s, false), set_config('app.correlation_id', 'corr-1', false),"
+                    " set_config('app.tenant_token_xact', extract(epoch FROM now())::text, false)", (token,))
+    assert _names(runtime) == ["Brand A"]  # inside the planting transaction: it is A's own context anyway
+    runtime.commit()
+    assert runtime.execute("SELECT current_setting('app.tenant_token')").fetchone()[0] == token  # still there...
+    assert _names(runtime) == [] and _current_tenant(runtime) is None  # ...but refused
+
+
+def test_a_refusal_is_written_to_the_server_log(runtime, tenants, admin_conn):
+    try:
+        logfile = admin_conn.execute("SELECT coalesce(pg_current_logfile(), 'log')").fetchone()[0]
+        before = len(admin_conn.execute("SELECT pg_read_file(%s)", (logfile,)).fetchone()[0])
+    except psycopg.Error:
+        pytest.skip("the server log is not readable through pg_read_file on this server")
+    forged = _alter(_token(runtime, tenants.a), 2, str(tenants.b))
+    _with_token(runtime, forged)
+    assert _names(runtime) == []
+    runtime.rollback()
+    logged = ""
+    for _ in range(50):  # the log is written asynchronously to the file
+        logged = admin_conn.execute("SELECT pg_read_file(%s, %s, 1000000)", (logfile, before)).fetchone()[0]
+        if "rtv-db security" in logged:
+            break
+        time.sleep(0.1)
+    assert "rtv-db security: tenant context refused (bad signature)" in logged
+    assert f"claimed tenant {tenants.b}" in logged and "role rtv_app" in logged
+
+
+def test_key_file_generation_rotation_and_retirement(target, cluster, tenants, tmp_path, monkeypatch):
+    from rtv_db.signing import retire_key, rotate_key
+
+    key_file = tmp_path / "keys" / "context.key"
+    monkeypatch.delenv("RTV_DB_CONTEXT_KEY")
+    monkeypatch.setenv("RTV_DB_CONTEXT_KEY_FILE", str(key_file))
+    migrate(target.require_admin(), cluster.settings)  # no key configured: generates the file
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    (first,) = load_keys()
+
+    def reads(db: Database) -> list[str]:
+        return [r.name for r in with_tenant_scope(db, tenants.a).scoped_query(brand_kits)]
+
+    old_app = Database(target.runtime_url)
+    try:
+        assert reads(old_app) == ["Brand A"]
+        second = rotate_key(target.require_admin(), cluster.settings)
+        assert [k.key_id for k in load_keys()] == [first.key_id, second.key_id]
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        new_app = Database(target.runtime_url)
+        try:
+            assert reads(new_app) == ["Brand A"] and reads(old_app) == ["Brand A"]  # both valid mid-rollover
+            with pytest.raises(Exception, match="signs with"):
+                retire_key(target.require_admin(), cluster.settings, second.key_id)
+            retire_key(target.require_admin(), cluster.settings, first.key_id)
+            assert [k.key_id for k in load_keys()] == [second.key_id]
+            assert reads(new_app) == ["Brand A"]
+            with pytest.raises(TenantContextRefusedError, match="unknown or retired key"):
+                reads(old_app)
+        finally:
+            new_app.close()
+    finally:
+        old_app.close()
+
+
+def test_planner_statistics_do_not_leak_the_key(runtime, admin_conn):
+    admin_conn.execute("ANALYZE rtv_secret.context_keys")
+    leaked = runtime.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'rtv_secret'").fetchone()[0]
+    assert leaked == 0
+    assert admin_conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'rtv_secret'").fetchone()[0] > 0  # the control

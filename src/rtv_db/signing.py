@@ -54,6 +54,9 @@ __all__ = [
     "install_context_config",
     "installed_key_ids",
     "check_context_mode",
+    "rotate_key",
+    "retire_key",
+    "list_keys",
 ]
 
 ContextMode = Literal["signed", "unsigned"]
@@ -282,3 +285,95 @@ def check_context_mode(conn: Any) -> list[dict[str, str]]:
             "fix": "run rtv-db migrate",
         }]
     return []
+
+
+# -- rotation (rtv-db key ...) ------------------------------------------------------------------
+
+
+def _owner_transaction(admin_url: str, settings: Settings) -> Any:
+    """A context manager: a transaction on ``admin_url`` as the owner role."""
+    from contextlib import contextmanager
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from .config import to_sqlalchemy_url
+
+    @contextmanager
+    def run() -> Any:
+        engine = create_engine(to_sqlalchemy_url(admin_url), poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f'SET LOCAL ROLE "{settings.owner_role}"')  # a validated role name
+                if not _has_secret_schema(conn):
+                    raise ConfigurationError("this database has no signed context yet: run rtv-db migrate first")
+                yield conn
+        finally:
+            engine.dispose()
+
+    return run()
+
+
+def _require_key_file(settings: Settings) -> Path:
+    if os.environ.get("RTV_DB_CONTEXT_KEY"):
+        raise ConfigurationError(
+            "the keys come from RTV_DB_CONTEXT_KEY, which rtv-db cannot edit: run `rtv-db key generate`, append the new "
+            "key to RTV_DB_CONTEXT_KEY (comma-separated, last signs), run `rtv-db migrate`, roll the application, then "
+            "drop the old key from the variable and run `rtv-db key retire OLD_ID` (see docs/signed-context.md)"
+        )
+    return key_file_path(settings)
+
+
+def rotate_key(admin_url: str, settings: Settings) -> ContextKey:
+    """Add a new key: first to the database (so it verifies), then last in the key file (so it signs).
+
+    Both keys stay valid until the old one is retired: applications still signing with the old
+    key keep working while they are restarted one by one.
+    """
+    path = _require_key_file(settings)
+    keys = load_keys(settings)
+    new = generate_key()
+    while new.key_id in {k.key_id for k in keys}:
+        new = generate_key()
+    with _owner_transaction(admin_url, settings) as conn:
+        conn.execute(text("INSERT INTO rtv_secret.context_keys (key_id, secret) VALUES (:id, :secret)"),
+                     {"id": new.key_id, "secret": new.secret})
+    save_key_file(path, [*keys, new])
+    return new
+
+
+def retire_key(admin_url: str, settings: Settings, key_id: str, *, force: bool = False) -> None:
+    """Stop accepting ``key_id``: delete it from the database and from the key file.
+
+    Refuses to retire the key the application signs with (the last configured one) unless
+    ``force``: every transaction would then be refused.
+    """
+    keys = load_keys(settings)
+    from_env = bool(os.environ.get("RTV_DB_CONTEXT_KEY"))
+    if keys and keys[-1].key_id == key_id and not force:
+        raise ConfigurationError(f"{key_id!r} is the key the application signs with: rotate first (or pass --force)")
+    with _owner_transaction(admin_url, settings) as conn:
+        deleted = conn.execute(text("DELETE FROM rtv_secret.context_keys WHERE key_id = :id"), {"id": key_id}).rowcount
+        if not deleted:
+            raise ConfigurationError(f"no key {key_id!r} is installed in this database")
+    if not from_env and any(k.key_id == key_id for k in keys):
+        save_key_file(key_file_path(settings), [k for k in keys if k.key_id != key_id])
+
+
+def list_keys(admin_url: str, settings: Settings) -> list[dict[str, Any]]:
+    """The installed and configured keys (ids and dates only, never secrets)."""
+    configured = load_keys(settings)
+    signing_id = configured[-1].key_id if configured else None
+    with _owner_transaction(admin_url, settings) as conn:
+        installed = dict(installed_key_ids(conn))
+    ids = list(dict.fromkeys([*installed, *(k.key_id for k in configured)]))
+    return [
+        {
+            "key_id": key_id,
+            "installed": key_id in installed,
+            "created_at": installed.get(key_id),
+            "configured": any(k.key_id == key_id for k in configured),
+            "signs": key_id == signing_id,
+        }
+        for key_id in ids
+    ]
