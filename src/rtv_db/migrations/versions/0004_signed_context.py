@@ -164,11 +164,14 @@ def upgrade() -> None:
         LANGUAGE plpgsql STABLE PARALLEL RESTRICTED
     AS $$
     DECLARE
+        token   text := current_setting('app.tenant_token', true);
         result  rtv_secret.context_claims;
         lane    text;
         claimed text;
     BEGIN
-        IF (SELECT s.mode FROM rtv_secret.context_settings s) = 'unsigned' THEN
+        -- The mode is looked up only without a token (the setters clear each other's settings),
+        -- which spares the signed path one query per call.
+        IF COALESCE(token, '') = '' AND (SELECT s.mode FROM rtv_secret.context_settings s) = 'unsigned' THEN
             result.tenant_id := rtv.to_uuid_or_null(current_setting('app.current_tenant_id', true));
             IF result.tenant_id IS NOT NULL THEN
                 result.platform_account_id :=
@@ -179,12 +182,12 @@ def upgrade() -> None:
             END IF;
         END IF;
         result := rtv_secret.verify_token(
-            current_setting('app.tenant_token', true),
+            token,
             NULLIF(current_setting('app.current_user_id', true), ''),
             NULLIF(current_setting('app.correlation_id', true), ''));
         IF result.refusal IS NOT NULL THEN
             -- What the token claimed, sanitised (it is attacker-controlled text).
-            claimed := regexp_replace(left(current_setting('app.tenant_token', true), 120), '[^0-9A-Za-z._-]', '?', 'g');
+            claimed := regexp_replace(left(token, 120), '[^0-9A-Za-z._-]', '?', 'g');
             RAISE LOG 'rtv-db security: tenant context refused (%): role %, backend %, claimed tenant %, token %',
                 result.refusal, session_user, pg_backend_pid(), split_part(claimed, '.', 3), left(claimed, 60);
         END IF;
