@@ -12,7 +12,8 @@ transaction each, through the pool) on each:
 
 Rounds alternate between the variants so that machine noise hits all three alike; the median
 of the per-round means is reported. It also times the verification alone (the reader called
-20,000 times in one statement) and prints the point read's EXPLAIN ANALYZE.
+20,000 times in one statement), the point-read statement on the server alone (a DO loop: no
+client, pool or network noise) and prints the point read's EXPLAIN ANALYZE.
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ def _reader_cost(db: Database, tenant: uuid.UUID) -> float:
         return (time.perf_counter() - started) / 20000 * 1e6
 
 
+def _statement_cost(db: Database, tenant: uuid.UUID, kit: uuid.UUID) -> float:
+    """Server-side microseconds per point-read statement (policy InitPlan included), without the
+    client, the pool or the network: 3000 executions inside one DO block."""
+    with with_rls_context(db, tenant) as conn:
+        started = time.perf_counter()
+        conn.exec_driver_sql(
+            "DO $$ BEGIN FOR i IN 1..3000 LOOP "
+            f"PERFORM name FROM brand_kits WHERE client_id = '{tenant}' AND id = '{kit}'; "  # uuids: safe literals
+            "END LOOP; END $$"
+        )
+        return (time.perf_counter() - started) / 3000 * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=3000)
@@ -119,6 +133,10 @@ def main() -> None:
             for variant, db in dbs.items():
                 results[variant].append(_time_reads(db, seeded[variant], args.reads))
         readers = {v: statistics.median(_reader_cost(db, seeded[v][0][0]) for _ in range(3)) for v, db in dbs.items()}
+        statements: dict[str, list[float]] = {v: [] for v in names}
+        for _ in range(5):
+            for v, db in dbs.items():
+                statements[v].append(_statement_cost(db, *seeded[v][0]))
 
         print(f"point read (scoped_get by primary key, one transaction each), {args.reads} reads x {args.rounds} rounds, median of round means:")
         base = statistics.median(results["0002"])
@@ -129,6 +147,10 @@ def main() -> None:
         print("reader alone, rtv.current_tenant_id() per call:")
         for variant, cost in readers.items():
             print(f"  {variant:9s} {cost:8.2f} us/call")
+        print("point-read statement on the server (DO loop, 5 interleaved rounds, median):")
+        base_stmt = statistics.median(statements["0002"])
+        for v, costs in statements.items():
+            print(f"  {v:9s} {statistics.median(costs):8.2f} us/statement   ratio to 0002: {statistics.median(costs) / base_stmt:5.3f}")
         signed_db = dbs["signed"]
         tenant, kit = seeded["signed"][0]
         with with_rls_context(signed_db, tenant) as conn:
