@@ -460,3 +460,40 @@ def test_planner_statistics_do_not_leak_the_key(runtime, admin_conn):
     leaked = runtime.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'rtv_secret'").fetchone()[0]
     assert leaked == 0
     assert admin_conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'rtv_secret'").fetchone()[0] > 0  # the control
+
+
+def test_the_token_names_the_servers_own_backend_pid(db, tenants):
+    with with_rls_context(db, tenants.a) as conn:
+        remembered = conn.connection.info["rtv_backend_pid"]
+        assert remembered == conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert conn.execute(text("SELECT split_part(current_setting('app.tenant_token'), '.', 7)")).scalar_one() == str(remembered)
+
+
+def test_random_single_character_changes_are_all_refused(runtime, tenants):
+    import random
+
+    rng = random.Random(8)
+    good = _token(runtime, tenants.a)
+    alphabet = "0123456789abcdef-.vk"
+    for _ in range(150):
+        i = rng.randrange(len(good))
+        mutated = good[:i] + rng.choice([c for c in alphabet if c != good[i]]) + good[i + 1:]
+        with runtime.transaction():
+            _with_token(runtime, mutated)
+            assert _current_tenant(runtime) is None, mutated
+
+
+def test_unsigned_mode_is_set_by_migrate_and_reported(target, cluster, tenants, monkeypatch, admin_conn):
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")
+    migrate(target.require_admin(), cluster.settings)
+    findings = check_context_mode(admin_conn)
+    assert [f["code"] for f in findings] == ["context-unsigned"]
+    assert set(findings[0]) == {"code", "object", "message", "why", "fix"}
+    unsigned_db = Database(target.runtime_url)
+    try:
+        assert [r.name for r in with_tenant_scope(unsigned_db, tenants.a).scoped_query(brand_kits)] == ["Brand A"]
+    finally:
+        unsigned_db.close()
+    monkeypatch.delenv("RTV_DB_CONTEXT_MODE")
+    migrate(target.require_admin(), cluster.settings)
+    assert check_context_mode(admin_conn) == []

@@ -6,7 +6,7 @@ implicitly, so the two cost one network round trip, not two. The setter uses ``S
 context ends with the transaction, and a pooled connection never carries it to the next checkout.
 
 In signed mode (the default) the listener mints a token for this connection's backend pid
-(``driver.info.backend_pid``: known to psycopg, no round trip) and calls
+(asked once per physical connection, at connect; never a round trip per transaction) and calls
 ``rtv.set_signed_context(token, user_id, correlation_id)``; see :mod:`rtv_db.signing`. In
 unsigned mode (``RTV_DB_CONTEXT_MODE=unsigned``, debugging only) it calls
 ``rtv.set_tenant_context(...)`` with the plain ids.
@@ -99,8 +99,13 @@ class ContextSetter:
             )
         return mode, keys[-1], ttl
 
-    def statement(self, driver: Any, ctx: TenantContext) -> tuple[str, tuple[Any, ...]]:
-        """The SQL and bind parameters that set ``ctx`` on ``driver`` (a psycopg connection)."""
+    def statement(self, driver: Any, ctx: TenantContext, backend_pid: int | None = None) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and bind parameters that set ``ctx`` on ``driver`` (a psycopg connection).
+
+        ``backend_pid`` is the server's own answer, remembered at connect; psycopg's
+        ``driver.info.backend_pid`` is the fallback (a pooler such as PgBouncer hands the client
+        a made-up one).
+        """
         mode, key, ttl = self._config()
         if mode == "unsigned":
             return _SET_UNSIGNED, context_params(ctx)
@@ -111,7 +116,7 @@ class ContextSetter:
             tenant_id=ctx.tenant_id,
             platform_account_id=ctx.platform_account_id,
             lane=ctx.lane,
-            backend_pid=driver.info.backend_pid,
+            backend_pid=backend_pid or driver.info.backend_pid,
             expires_at=int(time.time()) + ttl,
             user_id=ctx.user_id,
             correlation_id=ctx.correlation_id,
@@ -141,7 +146,26 @@ def _setter_for(engine: Engine) -> ContextSetter:
 
 def context_statement(conn: Connection, ctx: TenantContext) -> tuple[str, tuple[Any, ...]]:
     """The driver-level SQL and parameters that set ``ctx`` in ``conn``'s transaction."""
-    return _setter_for(conn.engine).statement(conn.connection.driver_connection, ctx)
+    pooled = conn.connection
+    return _setter_for(conn.engine).statement(pooled.driver_connection, ctx, pooled.info.get(_PID_KEY))
+
+
+_PID_KEY: Final = "rtv_backend_pid"
+
+
+def _remember_backend_pid(dbapi_connection: Any, record: Any) -> None:
+    """Ask the server its backend pid once per physical connection (not per transaction).
+
+    Behind PgBouncer (session pooling) the pid in psycopg's ``info`` is the pooler's invention;
+    the token must name the real backend, which is what ``pg_backend_pid()`` compares with.
+    """
+    cursor = dbapi_connection.cursor()  # SQLAlchemy's adapter: works for the async driver too
+    try:
+        cursor.execute("SELECT pg_backend_pid()")
+        record.info[_PID_KEY] = cursor.fetchone()[0]
+    finally:
+        cursor.close()
+    dbapi_connection.rollback()
 
 
 def _context_for(conn: Connection) -> TenantContext | None:
@@ -186,6 +210,7 @@ def _on_end(conn: Connection) -> None:
 def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     """Make every transaction on ``engine`` start with the current tenant context."""
     _SETTERS[_root(engine)] = ContextSetter(context_key)
+    event.listen(engine, "connect", _remember_backend_pid)
     event.listen(engine, "begin", _on_begin)
     event.listen(engine, "commit", _on_end)
     event.listen(engine, "rollback", _on_end)
