@@ -497,3 +497,13 @@ def test_unsigned_mode_is_set_by_migrate_and_reported(target, cluster, tenants, 
     monkeypatch.delenv("RTV_DB_CONTEXT_MODE")
     migrate(target.require_admin(), cluster.settings)
     assert check_context_mode(admin_conn) == []
+
+
+def test_set_tenant_context_helper_reports_a_refusal(target, tenants):
+    wrong = Database(target.runtime_url, context_key=generate_key())
+    try:
+        with wrong.engine.connect() as conn, conn.begin():
+            with pytest.raises(TenantContextRefusedError, match="unknown or retired key"):
+                set_tenant_context(conn, tenants.a)
+    finally:
+        wrong.close()

@@ -11,10 +11,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from .connection import Database
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TenantContextRefusedError
 from .tenant._transaction import CONTEXT_OPTION, context_statement
 from .tenant.context import Lane, TenantContext, use_tenant_context
 
@@ -34,7 +36,12 @@ def set_tenant_context(conn: Connection, tenant_id: uuid.UUID | str, platform_ac
         conn.begin()
     # Signed (a token for this connection's backend) or, in unsigned mode, the plain ids.
     sql, params = context_statement(conn, ctx)
-    conn.exec_driver_sql(sql, params)
+    try:
+        conn.exec_driver_sql(sql, params)
+    except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.errors.InvalidAuthorizationSpecification):
+            raise TenantContextRefusedError(str(exc.orig).splitlines()[0]) from exc
+        raise
     return ctx
 
 
