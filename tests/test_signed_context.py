@@ -17,7 +17,7 @@ from psycopg import errors as pg_errors
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from rtv_db import AsyncDatabase, Database, SystemScope, brand_kits, migrate, with_tenant_scope
+from rtv_db import AsyncDatabase, Database, brand_kits, migrate, with_tenant_scope
 from rtv_db.config import to_libpq_url
 from rtv_db.errors import TenantContextRefusedError
 from rtv_db.rls import set_tenant_context, with_rls_context
