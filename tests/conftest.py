@@ -28,6 +28,7 @@ from rtv_db import Database, SystemScope, migrate
 from rtv_db.config import Settings, to_libpq_url, to_sqlalchemy_url
 from rtv_db.schema import brand_kits, clients
 from rtv_db.server import EmbeddedServer
+from rtv_db.signing import generate_key
 from rtv_db.targets import Target
 
 TEMPLATE = "rtv_test_template"
@@ -54,6 +55,9 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
+    # One tenant context signing key for the run: `migrate` installs it, every Database signs with it.
+    key = generate_key()
+    os.environ.setdefault("RTV_DB_CONTEXT_KEY", f"{key.key_id}:{key.hex}")
     settings = Settings(admin_url=None, runtime_url=None)
     external = os.environ.get("RTV_DB_TEST_ADMIN_URL")
     if external:

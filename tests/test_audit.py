@@ -32,12 +32,17 @@ from rtv_db import (
     read_audit_trail_async,
     with_tenant_scope,
 )
+from rtv_db.rls import set_tenant_context
 from rtv_db.audit import AuditEvent, build_audit_query, parse_age
 from rtv_db.cli import cli
 from rtv_db.migrate import downgrade, migrate
 
 SECRET = "sk-live-Zq8cDO-NOT-LEAK-4f2a"
-SET_CONTEXT = text("SELECT rtv.set_tenant_context(CAST(:t AS uuid), CAST(:p AS uuid), :l, :u, :c)")
+
+
+def set_context(conn, t, p=None, l="api", u=None, c=None):
+    """Raw SQL's way in: the (signed) context for the rest of this transaction."""
+    set_tenant_context(conn, t, p, l, user_id=u, correlation_id=c)
 
 
 def all_events(system, **where):
@@ -105,7 +110,7 @@ def test_no_value_reaches_the_trail(db, system, admin_conn, tenants):
     kit = scope.scoped_query(brand_kits)[0]
     scope.scoped_update(brand_kits, {"logo_refs": [SECRET], "colors": {"token": SECRET}}, brand_kits.c.id == kit.id)
     with db.engine.connect() as conn, conn.begin():
-        conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": None, "c": "raw"})
+        set_context(conn, tenants.a, None, "api", None, "raw")
         conn.execute(text("UPDATE clients SET settings = jsonb_build_object('password', CAST(:s AS text))"), {"s": SECRET})
 
     rows = admin_conn.execute("SELECT to_jsonb(a)::text FROM audit_events a").fetchall()
@@ -119,7 +124,7 @@ def test_no_value_reaches_the_trail(db, system, admin_conn, tenants):
 def test_raw_sql_on_the_runtime_role_is_audited(db, system, tenants):
     kb = uuid.uuid4()
     with db.engine.connect() as conn, conn.begin():
-        conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": "svc-indexer", "c": "raw-1"})
+        set_context(conn, tenants.a, None, "api", "svc-indexer", "raw-1")
         conn.execute(text("INSERT INTO knowledge_bases (client_id, id, name) VALUES (:t, :i, 'KB')"), {"t": tenants.a, "i": kb})
         conn.execute(text("INSERT INTO knowledge_chunks (client_id, knowledge_base_id, content) VALUES (:t, :i, 'c1'), (:t, :i, 'c2')"),
                      {"t": tenants.a, "i": kb})
@@ -159,7 +164,7 @@ def test_platform_actions_and_clients_are_audited(db, system, tenants, account_a
 
 def test_only_real_changes_are_recorded(db, system, tenants):
     with db.engine.connect() as conn, conn.begin():
-        conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": None, "c": "noop"})
+        set_context(conn, tenants.a, None, "api", None, "noop")
         # ON CONFLICT DO NOTHING that inserts nothing: no event (the trigger runs AFTER the row exists).
         conn.execute(text("INSERT INTO brand_kits (client_id, name) VALUES (:t, 'Brand A') ON CONFLICT DO NOTHING"), {"t": tenants.a})
         # An UPDATE that changes no value is still an UPDATE statement on the row: recorded, no column named.
@@ -202,7 +207,7 @@ def test_an_event_cannot_name_another_tenant_than_the_context(system, tenants):
     # policy still refuses an event about another tenant: the policy is not "always true".
     with pytest.raises(DBAPIError, match="row-level security"):
         with system.transaction() as conn:
-            conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": None, "c": None})
+            set_context(conn, tenants.a, None, "api", None, None)
             conn.execute(brand_kits.update().where(brand_kits.c.client_id == tenants.b).values(name="hijack"))
 
 
@@ -220,7 +225,7 @@ def test_the_runtime_role_cannot_change_the_trail(db, system, tenants, statement
     before = all_events(system)
     with pytest.raises(DBAPIError) as caught:
         with db.engine.connect() as conn, conn.begin():
-            conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": None, "c": None})
+            set_context(conn, tenants.a, None, "api", None, None)
             conn.execute(text(statement), {"t": tenants.a})
     assert is_permission_denied(caught.value), caught.value
     assert all_events(system) == before
@@ -236,7 +241,7 @@ def test_a_tenant_reads_only_its_own_events(db, tenants):
     # Naming A's row from B finds nothing, and raw SQL as B sees only B's rows.
     assert read_audit_trail(b_scope, row_id=tenants.a).events == []
     with db.engine.connect() as conn, conn.begin():
-        conn.execute(SET_CONTEXT, {"t": tenants.b, "p": None, "l": "api", "u": None, "c": None})
+        set_context(conn, tenants.b, None, "api", None, None)
         assert set(conn.execute(text("SELECT DISTINCT client_id FROM audit_events")).scalars()) == {tenants.b}
     # With no tenant context: nothing.
     with db.engine.connect() as conn:
@@ -250,7 +255,7 @@ def test_the_bulk_load_switch_is_for_the_system_role_only(db, system, tenants):
     assert len(all_events(system, table_name="brand_kits")) == 2  # the fixture's two kits only
 
     with db.engine.connect() as conn, conn.begin():
-        conn.execute(SET_CONTEXT, {"t": tenants.a, "p": None, "l": "api", "u": None, "c": "bulk-try"})
+        set_context(conn, tenants.a, None, "api", None, "bulk-try")
         conn.execute(text("SET LOCAL rtv.audit_bulk_load = 'on'"))
         conn.execute(text("INSERT INTO brand_kits (client_id, name) VALUES (:t, 'sneaky')"), {"t": tenants.a})
     assert [e.action for e in all_events(system, correlation_id="bulk-try")] == ["INSERT"]

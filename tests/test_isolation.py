@@ -180,7 +180,7 @@ def test_assert_tenant_ownership(db, tenants, caplog):
 def _raw(db, tenant, sql, params=None):
     with db.engine.begin() as conn:
         if tenant is not None:
-            conn.execute(text("SELECT rtv.set_tenant_context(:t)"), {"t": str(tenant)})
+            set_tenant_context(conn, tenant)
         result = conn.execute(text(sql), params or {})
         return result.all() if result.returns_rows else result.rowcount
 
@@ -247,13 +247,12 @@ def test_empty_and_garbage_contexts_are_safe(db, tenants, value):
         assert conn.execute(text("select count(*) from brand_kits")).scalar() == 0
 
 
-def test_set_tenant_context_function_validates(db):
-    with pytest.raises(DBAPIError, match="tenant_id is required"):
-        with db.engine.begin() as conn:
-            conn.execute(text("select rtv.set_tenant_context(NULL)"))
-    with pytest.raises(DBAPIError, match="lane must be api or browser"):
-        with db.engine.begin() as conn:
-            conn.execute(text("select rtv.set_tenant_context(gen_random_uuid(), NULL, 'ftp')"))
+def test_plain_setter_is_refused_in_signed_mode(db, tenants):
+    # Raw SQL cannot name a tenant: only a token the application signed sets the context.
+    for call in ("select rtv.set_tenant_context(:t)", "select rtv.set_tenant_context(:t, NULL, 'api')"):
+        with pytest.raises(DBAPIError, match="must be signed"):
+            with db.engine.begin() as conn:
+                conn.execute(text(call), {"t": str(tenants.a)})
 
 
 @pytest.mark.parametrize("bad", [None, "", "nope", 42, b"\x00" * 16, "' OR 1=1 --", ["x"]])
@@ -279,7 +278,7 @@ def test_context_does_not_survive_commit_or_rollback_on_the_same_pooled_connecti
     try:
         with one.engine.begin() as conn:
             pid = conn.execute(text("select pg_backend_pid()")).scalar()
-            conn.execute(text("select rtv.set_tenant_context(:t)"), {"t": str(tenants.a)})
+            set_tenant_context(conn, tenants.a)
             assert conn.execute(text("select count(*) from brand_kits")).scalar() == 1
         with one.engine.begin() as conn:  # after COMMIT
             assert conn.execute(text("select pg_backend_pid()")).scalar() == pid
@@ -287,7 +286,7 @@ def test_context_does_not_survive_commit_or_rollback_on_the_same_pooled_connecti
             assert conn.execute(text("select count(*) from brand_kits")).scalar() == 0
         conn = one.engine.connect()
         conn.begin()
-        conn.execute(text("select rtv.set_tenant_context(:t)"), {"t": str(tenants.a)})
+        set_tenant_context(conn, tenants.a)
         conn.rollback()
         conn.close()
         with one.engine.begin() as conn:  # after ROLLBACK

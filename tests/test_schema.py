@@ -205,5 +205,7 @@ def test_every_tenant_table_has_an_index_leading_with_client_id(admin_conn):
 
 def test_clients_is_created_only_by_the_system_scope(db, tenants):
     with db.engine.begin() as conn, pytest.raises(Exception, match="permission denied"):
-        conn.execute(text("SELECT rtv.set_tenant_context(:t)"), {"t": str(tenants.a)})
+        from rtv_db import set_tenant_context
+
+        set_tenant_context(conn, tenants.a)
         conn.execute(clients.insert().values(name="x", slug="x-new"))

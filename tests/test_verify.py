@@ -24,6 +24,7 @@ ALL_CODES = {
     "ROLE_MISSING", "ROLE_SUPERUSER", "ROLE_BYPASSRLS", "ROLE_OWNS_TABLE", "ROLE_TRUNCATE", "ROLE_CAN_CREATE",
     "ROLE_CAN_CREATE_TEMP", "ROLE_MEMBER_OF_PRIVILEGED", "KEY_WITHOUT_TENANT", "FK_NOT_TENANT_COMPOSITE",
     "INDEX_NO_TENANT_LEAD", "VIEW_NOT_SECURITY_INVOKER", "MATVIEW_OVER_TENANT", "SECDEF_NO_SEARCH_PATH",
+    "CONTEXT_UNSIGNED",
 }
 
 
@@ -396,3 +397,13 @@ def test_codes_are_documented():
     doc = (Path(__file__).parent.parent / "docs" / "verify.md").read_text()
     missing = [c for c in sorted(ALL_CODES) if c not in doc]
     assert not missing, f"codes without documentation: {missing}"
+
+
+def test_unsigned_context_mode_is_a_finding(target, cluster, monkeypatch):
+    from rtv_db import migrate
+
+    assert "CONTEXT_UNSIGNED" not in codes(verify(target.require_admin()))
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")
+    migrate(target.require_admin(), cluster.settings)
+    found = [f for f in verify(target.require_admin()) if f.code == "CONTEXT_UNSIGNED"]
+    assert len(found) == 1 and found[0].severity == "error"

@@ -326,6 +326,74 @@ def audit_show(ctx: click.Context, database_url: str | None, tenant_id: str, tab
         console.print("(more: older events exist; raise --limit to see them)", highlight=False)
 
 
+# -- key (signed tenant context) ---------------------------------------------------------------
+
+
+@cli.group()
+def key() -> None:
+    """Manage the tenant context signing keys (see docs/signed-context.md)."""
+
+
+@key.command("list")
+@database_url_option
+@click.pass_context
+@_fail_cleanly
+def key_list(ctx: click.Context, database_url: str | None) -> None:
+    """Show the keys the database accepts and the one the application signs with (no secrets)."""
+    from .signing import key_file_path, list_keys
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    rows = list_keys(target.require_admin(), target.settings)
+    for row in rows:
+        state = "installed" if row["installed"] else "NOT installed (run rtv-db migrate)"
+        extra = ", signs" if row["signs"] else ""
+        extra += "" if row["configured"] else ", not in the application's configuration"
+        created = f" since {row['created_at']:%Y-%m-%d %H:%M:%S %Z}" if row["created_at"] else ""
+        console.print(f"{row['key_id']}: {state}{created}{extra}", highlight=False)
+    if not rows:
+        console.print("no keys", highlight=False)
+    console.print(f"key file: {key_file_path(target.settings)}", highlight=False)
+
+
+@key.command("rotate")
+@database_url_option
+@click.pass_context
+@_fail_cleanly
+def key_rotate(ctx: click.Context, database_url: str | None) -> None:
+    """Add a new signing key; the old one stays valid until retired."""
+    from .signing import key_file_path, rotate_key
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    new = rotate_key(target.require_admin(), target.settings)
+    console.print(f"new key {new.key_id} installed and written to {key_file_path(target.settings)} (it signs from now on).",
+                  highlight=False)
+    console.print("Restart the application instances; then retire the old key with `rtv-db key retire OLD_ID`.", highlight=False)
+
+
+@key.command("retire")
+@database_url_option
+@click.argument("key_id")
+@click.option("--force", is_flag=True, help="Retire even the key the application signs with.")
+@click.pass_context
+@_fail_cleanly
+def key_retire(ctx: click.Context, database_url: str | None, key_id: str, force: bool) -> None:
+    """Stop accepting KEY_ID (deleted from the database and the key file)."""
+    from .signing import retire_key
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    retire_key(target.require_admin(), target.settings, key_id, force=force)
+    console.print(f"key {key_id} retired: tokens signed with it are refused from now on", highlight=False)
+
+
+@key.command("generate")
+def key_generate() -> None:
+    """Print a new key as <id>:<hex> (for RTV_DB_CONTEXT_KEY in a secret store). Installs nothing."""
+    from .signing import generate_key
+
+    new = generate_key()
+    click.echo(f"{new.key_id}:{new.hex}")
+
+
 def main() -> None:
     cli(prog_name="rtv-db")
 

@@ -153,7 +153,7 @@ def connect_error(url: str, exc: BaseException) -> DatabaseConnectionError:
     return DatabaseConnectionError(f"cannot connect to {describe_target(url)}: {reason}")
 
 
-def _install(engine: Engine, url: str, *, check_role: bool) -> None:
+def _install(engine: Engine, url: str, *, check_role: bool, context_key: Any = None) -> None:
     from .citus import install_error_mapping
     from .tenant._transaction import install_context_hooks
 
@@ -171,7 +171,7 @@ def _install(engine: Engine, url: str, *, check_role: bool) -> None:
             if type(context.original_exception).__name__ == "OperationalError":
                 raise connect_error(url, context.original_exception) from context.original_exception
 
-    install_context_hooks(engine)
+    install_context_hooks(engine, context_key)
     # On Citus, error messages name shards (brand_kits_102033): map them back to table names.
     install_error_mapping(engine)
 
@@ -180,14 +180,17 @@ class Database:
     """The application's handle on PostgreSQL: a pooled engine on the runtime role.
 
     ``check_role=False`` is for the system scope and for tests of the guard itself.
+    ``context_key`` (a :class:`rtv_db.signing.ContextKey` or ``"<id>:<hex>"``) signs the tenant
+    context; by default the configured key is used (see :mod:`rtv_db.signing`).
     """
 
-    def __init__(self, url: str, *, options: EngineOptions | None = None, check_role: bool = True, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, options: EngineOptions | None = None, check_role: bool = True,
+                 context_key: Any = None, **engine_kwargs: Any) -> None:
         self.url = to_sqlalchemy_url(url)
         self.options = options or EngineOptions()
         kwargs = self.options.engine_kwargs() | engine_kwargs
         self.engine: Engine = create_engine(self.url, **kwargs)
-        _install(self.engine, self.url, check_role=check_role)
+        _install(self.engine, self.url, check_role=check_role, context_key=context_key)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "Database":
@@ -225,12 +228,13 @@ class Database:
 class AsyncDatabase:
     """The asyncio twin of :class:`Database`."""
 
-    def __init__(self, url: str, *, options: EngineOptions | None = None, check_role: bool = True, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, options: EngineOptions | None = None, check_role: bool = True,
+                 context_key: Any = None, **engine_kwargs: Any) -> None:
         self.url = to_sqlalchemy_url(url)
         self.options = options or EngineOptions()
         kwargs = self.options.engine_kwargs() | engine_kwargs
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
-        _install(self.engine.sync_engine, self.url, check_role=check_role)
+        _install(self.engine.sync_engine, self.url, check_role=check_role, context_key=context_key)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "AsyncDatabase":

@@ -17,6 +17,7 @@ __all__ = [
     "TenantError",
     "InvalidTenantContextError",
     "MissingTenantContextError",
+    "TenantContextRefusedError",
     "TenantAccessError",
     "CrossTenantWriteError",
     "UnscopedWriteError",
@@ -62,6 +63,15 @@ class InvalidTenantContextError(TenantError, ValueError):
 
 class MissingTenantContextError(TenantError):
     """A tenant-scoped operation was attempted with no tenant context. Nothing was sent."""
+
+
+class TenantContextRefusedError(TenantError):
+    """The database refused the signed tenant context: unknown key, bad signature, expired token.
+
+    Almost always configuration: the application's context key is not installed in the database
+    (run ``rtv-db migrate`` with the same key), or the clocks of the two differ by more than the
+    token lifetime. See docs/signed-context.md.
+    """
 
 
 class TenantAccessError(TenantError):

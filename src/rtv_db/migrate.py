@@ -118,6 +118,10 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
             cfg = _alembic_config(conn, settings)
             if action == "upgrade":
                 command.upgrade(cfg, revision)
+                # The tenant context keys and mode (revision 0004), installed as the owner.
+                from .signing import install_context_config
+
+                install_context_config(conn, settings)
             else:
                 command.downgrade(cfg, revision)
             after = _revision(conn)

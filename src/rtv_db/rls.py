@@ -11,11 +11,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from .connection import Database
-from .errors import InvalidInputError
-from .tenant._transaction import CONTEXT_OPTION, context_params
+from .errors import InvalidInputError, TenantContextRefusedError
+from .tenant._transaction import CONTEXT_OPTION, context_statement
 from .tenant.context import Lane, TenantContext, use_tenant_context
 
 __all__ = ["set_tenant_context", "clear_tenant_context", "get_current_tenant", "with_rls_context", "is_rls_enabled", "rls_status"]
@@ -27,15 +29,20 @@ def _require_transaction(conn: Connection) -> None:
 
 
 def set_tenant_context(conn: Connection, tenant_id: uuid.UUID | str, platform_account_id: uuid.UUID | str | None = None,
-                       lane: Lane = "api") -> TenantContext:
+                       lane: Lane = "api", *, user_id: str | None = None, correlation_id: str | None = None) -> TenantContext:
     """Set the tenant context for the rest of ``conn``'s current transaction; return it."""
-    ctx = TenantContext(tenant_id, platform_account_id, lane)  # type: ignore[arg-type]
+    extra = {"correlation_id": correlation_id} if correlation_id else {}
+    ctx = TenantContext(tenant_id, platform_account_id, lane, user_id, **extra)  # type: ignore[arg-type]
     if not conn.in_transaction():
         conn.begin()
-    conn.execute(
-        text("SELECT rtv.set_tenant_context(CAST(:t AS uuid), CAST(:p AS uuid), CAST(:l AS text), CAST(:u AS text), CAST(:c AS text))"),
-        dict(zip("tpluc", context_params(ctx))),
-    )
+    # Signed (a token for this connection's backend) or, in unsigned mode, the plain ids.
+    sql, params = context_statement(conn, ctx)
+    try:
+        conn.exec_driver_sql(sql, params)
+    except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.errors.InvalidAuthorizationSpecification):
+            raise TenantContextRefusedError(str(exc.orig).splitlines()[0]) from exc
+        raise
     return ctx
 
 

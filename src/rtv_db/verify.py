@@ -642,6 +642,15 @@ def check_security_definer(conn: Connection, config: VerifyConfig) -> Iterator[F
         )
 
 
+@register_check
+def check_context_mode(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """The tenant context must be signed (an unsigned one can be forged by injected SQL)."""
+    from .signing import check_context_mode as context_mode_findings
+
+    for item in context_mode_findings(conn):
+        yield Finding("CONTEXT_UNSIGNED", "error", item["object"], item["message"], item["why"].capitalize() + ".", item["fix"])
+
+
 # -- running --------------------------------------------------------------------------------------
 
 _SEVERITY_ORDER = {"error": 0, "warning": 1}

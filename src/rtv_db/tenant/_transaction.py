@@ -1,10 +1,15 @@
 """Carrying the tenant context into each database transaction.
 
-A listener on the engine's ``begin`` event calls ``rtv.set_tenant_context(...)`` as the first
-statement of every transaction. It is sent in psycopg's pipeline mode together with the
-``BEGIN`` psycopg issues implicitly, so the two cost one network round trip, not two. The
-function uses ``SET LOCAL``: the context ends with the transaction, and a pooled connection
-never carries it to the next checkout.
+A listener on the engine's ``begin`` event sets the context as the first statement of every
+transaction. It is sent in psycopg's pipeline mode together with the ``BEGIN`` psycopg issues
+implicitly, so the two cost one network round trip, not two. The setter uses ``SET LOCAL``: the
+context ends with the transaction, and a pooled connection never carries it to the next checkout.
+
+In signed mode (the default) the listener mints a token for this connection's backend pid
+(asked once per physical connection, at connect; never a round trip per transaction) and calls
+``rtv.set_signed_context(token, user_id, correlation_id)``; see :mod:`rtv_db.signing`. In
+unsigned mode (``RTV_DB_CONTEXT_MODE=unsigned``, debugging only) it calls
+``rtv.set_tenant_context(...)`` with the plain ids.
 
 Which context: the ``rtv_tenant_context`` execution option of the connection when present (a
 tenant scope or tenant session sets it), otherwise the contextvar of the running task. With
@@ -13,15 +18,19 @@ neither, nothing is set, and the database shows no rows and rejects writes.
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from typing import Any, Final
 
 import psycopg
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.util import await_
 
+from ..errors import ConfigurationError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
-__all__ = ["CONTEXT_OPTION", "SYSTEM", "install_context_hooks", "context_sql", "context_params"]
+__all__ = ["CONTEXT_OPTION", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
 
@@ -36,14 +45,12 @@ class _System:
 SYSTEM: Final = _System()
 
 # Bind parameters, never literals: the values do not show in pg_stat_activity or the logs.
-_SET_CONTEXT = "SELECT rtv.set_tenant_context(%s::uuid, %s::uuid, %s::text, %s::text, %s::text)"
-
-
-def context_sql() -> str:
-    return _SET_CONTEXT
+_SET_SIGNED = "SELECT rtv.set_signed_context(%s::text, %s::text, %s::text)"
+_SET_UNSIGNED = "SELECT rtv.set_tenant_context(%s::uuid, %s::uuid, %s::text, %s::text, %s::text)"
 
 
 def context_params(ctx: TenantContext) -> tuple[str, str | None, str, str | None, str]:
+    """The plain (unsigned-mode) parameters of ``rtv.set_tenant_context``."""
     return (
         str(ctx.tenant_id),
         str(ctx.platform_account_id) if ctx.platform_account_id else None,
@@ -51,6 +58,114 @@ def context_params(ctx: TenantContext) -> tuple[str, str | None, str, str | None
         ctx.user_id,
         ctx.correlation_id,
     )
+
+
+class ContextSetter:
+    """How one engine sets the context: the mode and key, resolved once on first use.
+
+    ``context_key`` (a :class:`~rtv_db.signing.ContextKey`, or ``"<id>:<hex>"``) overrides the
+    configured keys; otherwise :func:`rtv_db.signing.load_keys` decides, at the first transaction.
+    """
+
+    def __init__(self, context_key: Any = None) -> None:
+        self._explicit = context_key
+        self._resolved: tuple[str, Any, int] | None = None
+        self._lock = threading.Lock()
+
+    def _config(self) -> tuple[str, Any, int]:
+        if self._resolved is None:
+            with self._lock:
+                if self._resolved is None:
+                    self._resolved = self._resolve()
+        return self._resolved
+
+    def _resolve(self) -> tuple[str, Any, int]:
+        from .. import signing
+
+        ttl = signing.context_ttl()
+        if self._explicit is not None:
+            key = self._explicit
+            if isinstance(key, str):
+                key = signing.parse_keys(key, where="context_key")[-1]
+            return "signed", key, ttl
+        mode = signing.context_mode()
+        if mode == "unsigned":
+            return mode, None, ttl
+        keys = signing.load_keys()
+        if not keys:
+            raise ConfigurationError(
+                "no tenant context key: set RTV_DB_CONTEXT_KEY or RTV_DB_CONTEXT_KEY_FILE, or run `rtv-db migrate`, "
+                f"which generates {signing.key_file_path()} (see docs/signed-context.md)"
+            )
+        return mode, keys[-1], ttl
+
+    def statement(self, driver: Any, ctx: TenantContext, backend_pid: int | None = None) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and bind parameters that set ``ctx`` on ``driver`` (a psycopg connection).
+
+        ``backend_pid`` is the server's own answer, remembered at connect; psycopg's
+        ``driver.info.backend_pid`` is the fallback (a pooler such as PgBouncer hands the client
+        a made-up one).
+        """
+        mode, key, ttl = self._config()
+        if mode == "unsigned":
+            return _SET_UNSIGNED, context_params(ctx)
+        from ..signing import mint_token
+
+        token = mint_token(
+            key,
+            tenant_id=ctx.tenant_id,
+            platform_account_id=ctx.platform_account_id,
+            lane=ctx.lane,
+            backend_pid=backend_pid or driver.info.backend_pid,
+            expires_at=int(time.time()) + ttl,
+            user_id=ctx.user_id,
+            correlation_id=ctx.correlation_id,
+        )
+        return _SET_SIGNED, (token, ctx.user_id, ctx.correlation_id)
+
+
+# Keyed by the root engine: ``engine.execution_options(...)`` makes an OptionEngine that proxies
+# the root (and shares its listeners), and must share its setter too.
+_SETTERS: "weakref.WeakKeyDictionary[Engine, ContextSetter]" = weakref.WeakKeyDictionary()
+
+
+def _root(engine: Engine) -> Engine:
+    while getattr(engine, "_proxied", None) is not None:
+        engine = engine._proxied  # type: ignore[attr-defined]
+    return engine
+
+
+def _setter_for(engine: Engine) -> ContextSetter:
+    root = _root(engine)
+    setter = _SETTERS.get(root)
+    if setter is None:
+        # An engine made without rtv-db's hooks (e.g. a test's own): configured defaults.
+        setter = _SETTERS.setdefault(root, ContextSetter())
+    return setter
+
+
+def context_statement(conn: Connection, ctx: TenantContext) -> tuple[str, tuple[Any, ...]]:
+    """The driver-level SQL and parameters that set ``ctx`` in ``conn``'s transaction."""
+    pooled = conn.connection
+    return _setter_for(conn.engine).statement(pooled.driver_connection, ctx, pooled.info.get(_PID_KEY))
+
+
+_PID_KEY: Final = "rtv_backend_pid"
+
+
+def _remember_backend_pid(dbapi_connection: Any, record: Any) -> None:
+    """Ask the server its backend pid once per physical connection (not per transaction).
+
+    Behind PgBouncer (session pooling) the pid in psycopg's ``info`` is the pooler's invention;
+    the token must name the real backend, which is what ``pg_backend_pid()`` compares with.
+    """
+    cursor = dbapi_connection.cursor()  # SQLAlchemy's adapter: works for the async driver too
+    try:
+        cursor.execute("SELECT pg_backend_pid()")
+        record.info[_PID_KEY] = cursor.fetchone()[0]
+    finally:
+        cursor.close()
+    dbapi_connection.rollback()
 
 
 def _context_for(conn: Connection) -> TenantContext | None:
@@ -62,14 +177,14 @@ def _context_for(conn: Connection) -> TenantContext | None:
     return current_tenant_context()
 
 
-def _set_sync(driver: psycopg.Connection[Any], params: tuple[Any, ...]) -> None:
+def _set_sync(driver: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> None:
     with driver.pipeline():
-        driver.execute(_SET_CONTEXT, params)
+        driver.execute(sql, params)  # type: ignore[arg-type]
 
 
-async def _set_async(driver: psycopg.AsyncConnection[Any], params: tuple[Any, ...]) -> None:
+async def _set_async(driver: psycopg.AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> None:
     async with driver.pipeline():
-        await driver.execute(_SET_CONTEXT, params)
+        await driver.execute(sql, params)  # type: ignore[arg-type]
 
 
 def _on_begin(conn: Connection) -> None:
@@ -78,19 +193,24 @@ def _on_begin(conn: Connection) -> None:
     if ctx is None:
         return
     driver = conn.connection.driver_connection
-    params = context_params(ctx)
-    if isinstance(driver, psycopg.AsyncConnection):
-        await_(_set_async(driver, params))
-    else:
-        _set_sync(driver, params)  # type: ignore[arg-type]
+    sql, params = context_statement(conn, ctx)
+    try:
+        if isinstance(driver, psycopg.AsyncConnection):
+            await_(_set_async(driver, sql, params))
+        else:
+            _set_sync(driver, sql, params)  # type: ignore[arg-type]
+    except psycopg.errors.InvalidAuthorizationSpecification as exc:
+        raise TenantContextRefusedError(str(exc).splitlines()[0]) from exc
 
 
 def _on_end(conn: Connection) -> None:
     conn.info.pop("rtv_tenant_context", None)
 
 
-def install_context_hooks(engine: Engine) -> None:
+def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     """Make every transaction on ``engine`` start with the current tenant context."""
+    _SETTERS[_root(engine)] = ContextSetter(context_key)
+    event.listen(engine, "connect", _remember_backend_pid)
     event.listen(engine, "begin", _on_begin)
     event.listen(engine, "commit", _on_end)
     event.listen(engine, "rollback", _on_end)
