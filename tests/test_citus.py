@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
 from conftest import make_tenants
-from rtv_db import Database, SystemScope, brand_kits, citus, with_tenant_scope
+from rtv_db import Database, SystemScope, brand_kits, citus, read_audit_trail, with_tenant_scope
 from rtv_db.config import Settings, to_sqlalchemy_url
 from rtv_db.errors import MigrationError
 from rtv_db.migrate import head_revision, migrate
@@ -37,6 +37,8 @@ CITUS_URL = os.environ.get("CITUS_URL")
 needs_citus = pytest.mark.skipif(not CITUS_URL, reason="no Citus coordinator: set CITUS_URL (an admin URL) to run")
 SHARD_SUFFIX = re.compile(r"[a-z_]+_\d{5,}")
 TENANT_TABLES = {"platform_accounts", "brand_kits", "knowledge_bases", "knowledge_chunks", "platform_actions"}
+# The audit trail (migration 0003) is a tenant table too: distributed by client_id, co-located.
+DISTRIBUTED_TABLES = TENANT_TABLES | {"audit_events"}
 
 
 def _admin_engine(url: str):  # noqa: ANN202
@@ -61,7 +63,7 @@ def test_plan_of_the_migrated_schema(admin_sa: Connection) -> None:
     assert plan.problems == ()
     assert [t.name for t in plan.reference_tables] == ["clients"]
     dist = [t.name for t in plan.distributed_tables]
-    assert set(dist) == TENANT_TABLES
+    assert set(dist) == DISTRIBUTED_TABLES
     # Parents before children: a composite foreign key needs its parent distributed first.
     assert dist.index("knowledge_bases") < dist.index("knowledge_chunks")
     assert dist.index("platform_accounts") < dist.index("platform_actions")
@@ -72,12 +74,28 @@ def test_plan_of_the_migrated_schema(admin_sa: Connection) -> None:
         assert t.state == "local" and not t.done
     assert "clients" in plan.table("brand_kits").parents
     assert plan.table("knowledge_chunks").parents == ("knowledge_bases",)
+    assert plan.table("audit_events").parents == ()  # no foreign key: events outlive their tenant
     # Every policy wraps the context functions in a subselect; each gets a Citus form.
-    assert {rw.table for rw in plan.policy_rewrites} == TENANT_TABLES | {"clients"}
+    assert {rw.table for rw in plan.policy_rewrites} == TENANT_TABLES | {"clients", "audit_events"}
     for rw in plan.policy_rewrites:
         assert "SELECT" in (rw.old_using or "") + (rw.old_with_check or "")
         assert "SELECT" not in (rw.using or "") + (rw.with_check or "")
-        assert "rtv.current_tenant_id()" in (rw.using or "")
+        if rw.policy == "tenant_isolation":
+            assert "rtv.current_tenant_id()" in (rw.using or "")
+    by_name = {(rw.table, rw.policy): rw for rw in plan.policy_rewrites}
+    assert by_name["audit_events", "audit_events_trigger_insert"].with_check == \
+        "(client_id = COALESCE(rtv.current_tenant_id(), client_id))"
+    # rtv-db's audit triggers are planned, not refused: kept (with the table's name as second
+    # argument) on every distributed tenant table, dropped on the reference table clients.
+    audit = {t.table: t for t in plan.audit_triggers}
+    assert set(audit) == TENANT_TABLES | {"clients"}
+    assert audit["clients"].kind == "drop" and audit["clients"].args == ("id",)
+    for name in TENANT_TABLES:
+        t = audit[name]
+        assert (t.trigger, t.kind, t.args, t.wanted_args) == ("audit_row_change", "relabel", ("client_id",), ("client_id", name))
+    assert citus.relabelled_definition(audit["brand_kits"]) == (
+        "CREATE TRIGGER audit_row_change AFTER INSERT OR DELETE OR UPDATE ON public.brand_kits"
+        " FOR EACH ROW EXECUTE FUNCTION rtv.audit_row_change('client_id', 'brand_kits')")
     assert {"rtv.current_tenant_id()", "rtv.to_uuid_or_null(text)",
             "rtv.set_tenant_context(uuid,uuid,text,text,text)"} <= set(plan.functions)
 
@@ -112,7 +130,12 @@ def test_plan_reports_what_citus_refuses(target: Target, admin_conn: psycopg.Con
         CREATE POLICY by_client_list ON widgets USING (client_id IN (SELECT id FROM clients));
         CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
         CREATE TRIGGER widgets_touch BEFORE UPDATE ON widgets FOR EACH ROW EXECUTE FUNCTION touch();
+        -- Same name as rtv-db's audit trigger and function, but another schema's function: foreign.
+        CREATE FUNCTION public.audit_row_change() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+        CREATE TRIGGER audit_row_change AFTER INSERT ON gizmos FOR EACH ROW EXECUTE FUNCTION public.audit_row_change();
     """)
+    subselect_policies = admin_conn.execute(
+        "SELECT count(*) FROM pg_policies WHERE strpos(qual, 'SELECT rtv.current_tenant_id()') > 0").fetchone()[0]
     engine = _admin_engine(target.require_admin())
     with engine.connect() as conn:
         plan = citus.plan_distribution(conn)
@@ -124,6 +147,9 @@ def test_plan_reports_what_citus_refuses(target: Target, admin_conn: psycopg.Con
         assert "notes: foreign key notes_to_tenant_fkey from a reference table to the distributed table widgets" in problems
         assert "widgets: policy by_client_list has a subquery" in problems
         assert "widgets: trigger widgets_touch" in problems
+        assert "gizmos: trigger audit_row_change" in problems
+        assert not any("audit_row_change" in p and not p.startswith("gizmos:") for p in plan.problems)
+        assert {t.table for t in plan.audit_triggers} == TENANT_TABLES | {"clients"}
         assert "notes" in [t.name for t in plan.reference_tables]
         # Nothing is attempted while problems remain (the migrated tables stay as they were).
         conn.rollback()
@@ -131,10 +157,78 @@ def test_plan_reports_what_citus_refuses(target: Target, admin_conn: psycopg.Con
             with pytest.raises(MigrationError, match="cannot distribute this schema"):
                 citus.apply_distribution(conn, plan, runtime_role="rtv_app")
         relaxed = citus.plan_distribution(conn, allow_triggers=True).problems
-        assert not any("trigger" in p for p in relaxed) and len(relaxed) == len(plan.problems) - 1
+        assert not any("trigger" in p for p in relaxed) and len(relaxed) == len(plan.problems) - 2
         assert conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_policies WHERE strpos(qual, 'SELECT rtv.current_tenant_id()') > 0").scalar() == 6
+            "SELECT count(*) FROM pg_policies WHERE strpos(qual, 'SELECT rtv.current_tenant_id()') > 0"
+        ).scalar() == subselect_policies >= 7
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'audit_row_change' AND tgnargs = 1").scalar() == 6
     engine.dispose()
+
+
+# -- the audit trail on Citus ------------------------------------------------------------------------
+
+
+def _audit_events(system: SystemScope, row_id: uuid.UUID) -> list[tuple[str, str]]:
+    with system.transaction() as conn:
+        return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+            text("SELECT action, table_name FROM audit_events WHERE row_id = :r ORDER BY occurred_at"), {"r": row_id})]
+
+
+def test_audit_triggers_in_their_citus_form_on_postgres(admin_sa: Connection, db: Database, system: SystemScope) -> None:
+    # What the distribution step does to the audit triggers, run here on plain tables: each
+    # tenant table's trigger passes its own name, the one on clients is gone.
+    with admin_sa.begin():
+        actions = citus.apply_audit_triggers(admin_sa, citus.plan_distribution(admin_sa))
+    assert len(actions) == 6 and any("clients: audit trigger audit_row_change dropped" in a for a in actions)
+    plan = citus.plan_distribution(admin_sa)
+    assert plan.problems == () and plan.pending_audit_triggers == []
+    assert {(t.table, t.kind) for t in plan.audit_triggers} == {(n, "keep") for n in TENANT_TABLES}
+    assert citus.apply_audit_triggers(admin_sa, plan) == []
+    admin_sa.rollback()
+    # Each audited write still leaves exactly one event, named by the logical table.
+    (a,) = make_tenants(system, f"T{uuid.uuid4().hex[:6]}")
+    scope = with_tenant_scope(db, a)
+    kit = scope.scoped_insert(brand_kits, {"name": "citus-form kit"})[0]
+    scope.scoped_update(brand_kits, {"tone": {"voice": "calm"}}, brand_kits.c.id == kit.id)
+    scope.scoped_delete(brand_kits, brand_kits.c.id == kit.id)
+    assert _audit_events(system, kit.id) == [("INSERT", "brand_kits"), ("UPDATE", "brand_kits"), ("DELETE", "brand_kits")]
+    # The documented gap: on Citus, changes of clients rows are not audited.
+    with system.transaction() as conn:
+        conn.execute(text("UPDATE clients SET name = 'renamed' WHERE id = :a"), {"a": a})
+    assert _audit_events(system, a) == []
+
+
+def test_the_trigger_on_a_shard_records_the_logical_table_name(admin_sa: Connection, system: SystemScope) -> None:
+    # Citus copies a table's triggers to its shards with the shard's name ("brand_kits_102008")
+    # as the relation and the same arguments; TG_TABLE_NAME is then the shard's name. A table
+    # of that name stands in for the shard here.
+    plan = citus.plan_distribution(admin_sa)
+    kits = next(t for t in plan.audit_triggers if t.table == "brand_kits")
+    shard_form = citus.relabelled_definition(kits).replace("ON public.brand_kits ", "ON public.brand_kits_102008 ")
+    admin_sa.rollback()
+    with admin_sa.begin():
+        admin_sa.exec_driver_sql("CREATE TABLE brand_kits_102008 (LIKE brand_kits INCLUDING DEFAULTS)")
+        admin_sa.exec_driver_sql(shard_form)
+        admin_sa.exec_driver_sql(  # the trigger as Citus would copy it without the name argument
+            "CREATE TABLE brand_kits_102009 (LIKE brand_kits INCLUDING DEFAULTS);"
+            " CREATE TRIGGER audit_row_change AFTER INSERT ON brand_kits_102009"
+            " FOR EACH ROW EXECUTE FUNCTION rtv.audit_row_change('client_id')")
+        ids = {}
+        for shard in ("brand_kits_102008", "brand_kits_102009"):
+            ids[shard] = admin_sa.execute(text(
+                f"INSERT INTO {shard} (client_id, name) VALUES (gen_random_uuid(), 'k') RETURNING id")).scalar_one()
+    assert _audit_events(system, ids["brand_kits_102008"]) == [("INSERT", "brand_kits")]
+    assert _audit_events(system, ids["brand_kits_102009"]) == [("INSERT", "brand_kits_102009")]
+
+
+def test_an_audit_function_without_the_name_argument_is_a_problem(admin_sa: Connection) -> None:
+    with admin_sa.begin():
+        admin_sa.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION rtv.audit_row_change() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RETURN NULL; END $$")
+    problems = citus.plan_distribution(admin_sa).problems
+    assert any("rtv.audit_row_change does not read the table's logical name" in p for p in problems), problems
 
 
 # -- verify findings -------------------------------------------------------------------------------
@@ -149,8 +243,10 @@ def test_findings_of_an_undistributed_schema(admin_sa: Connection) -> None:
     findings = list(citus.plan_findings(plan, propagation_set=False, runtime_role="rtv_app"))
     codes = {(f.code, f.object) for f in findings}
     assert ("CITUS_NOT_REFERENCE", "public.clients") in codes
-    for t in TENANT_TABLES:
+    for t in DISTRIBUTED_TABLES:
         assert ("CITUS_NOT_DISTRIBUTED", f"public.{t}") in codes
+    for t in TENANT_TABLES | {"clients"}:
+        assert ("CITUS_AUDIT_TRIGGER", f"public.{t}: trigger audit_row_change") in codes
     assert ("CITUS_SET_NOT_PROPAGATED", "role rtv_app") in codes
     assert ("CITUS_FUNCTION_NOT_DISTRIBUTED", "function rtv.current_tenant_id()") in codes
     assert all(f.why and f.fix and f.message for f in findings)
@@ -174,6 +270,21 @@ def test_findings_of_a_distributed_schema() -> None:
     assert ("CITUS_WRONG_DISTRIBUTION_COLUMN", "public.knowledge_chunks") in codes
     assert ("CITUS_WRONG_DISTRIBUTION_COLUMN", "public.clients") in codes
     assert ("CITUS_NOT_COLOCATED", "public.brand_kits") not in codes
+
+
+def test_audit_trigger_findings_and_the_anchor() -> None:
+    kept = citus.AuditTrigger("brand_kits", "audit_row_change", "keep", ("client_id", "brand_kits"), "")
+    dropped = citus.AuditTrigger("clients", "audit_row_change", "drop", ("id",), "")
+    tables = (_done("clients", None, 1, "reference"), _done("brand_kits", "client_id", 2))
+    good = citus.DistributionPlan("public", tables, citus=True, audit_triggers=(kept,))
+    assert list(citus.plan_findings(good, propagation_set=True, runtime_role="rtv_app")) == []
+    left = citus.DistributionPlan("public", tables, citus=True, audit_triggers=(kept, dropped))
+    assert [(f.code, f.object) for f in citus.plan_findings(left, propagation_set=True, runtime_role="rtv_app")] == \
+        [("CITUS_AUDIT_TRIGGER", "public.clients: trigger audit_row_change")]
+    # A tenant table added later (audit_events onto a distributed schema) joins the existing
+    # colocation group: the anchor is the first table already distributed, not the first by name.
+    late = citus.PlannedTable("audit_events", "distributed", "client_id", "brand_kits", ())
+    assert citus.DistributionPlan("public", (tables[0], late, tables[1])).anchor == "brand_kits"
 
 
 # -- shard names in error messages -----------------------------------------------------------------
@@ -306,7 +417,9 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         t = request.getfixturevalue("target")
         engine = _admin_engine(t.require_admin())
         with engine.begin() as conn:
-            citus.apply_policy_rewrites(conn, citus.plan_distribution(conn))
+            plan = citus.plan_distribution(conn)
+            citus.apply_policy_rewrites(conn, plan)
+            citus.apply_audit_triggers(conn, plan)
             assert conn.exec_driver_sql("SELECT count(*) FROM pg_policies WHERE qual ~* 'select'").scalar() == 0
         engine.dispose()
     db = Database(t.runtime_url)
@@ -395,7 +508,7 @@ def test_migrate_distributed_every_tenant_table(citus_target: Target) -> None:
             FROM pg_dist_partition""")}
         assert rows["clients"][0] == "n" and rows["clients"][1] == "t"  # a reference table
         colocations = set()
-        for table in TENANT_TABLES:
+        for table in DISTRIBUTED_TABLES:
             method, _, column, colocation = rows[table]
             assert (method, column) == ("h", "client_id"), table
             colocations.add(colocation)
@@ -403,6 +516,21 @@ def test_migrate_distributed_every_tenant_table(citus_target: Target) -> None:
         assert list(citus.check_citus(conn, None)) == []
         plan = citus.plan_distribution(conn)
         assert plan.citus and plan.pending == [] and plan.functions == () and plan.policy_rewrites == ()
+        assert {(t.table, t.kind) for t in plan.audit_triggers} == {(n, "keep") for n in TENANT_TABLES}
+        # The audit trigger is on every shard of the tenant tables, on the workers; none on clients.
+        # Placements on the workers (the coordinator, group 0, is not asked); the workers also
+        # hold shell tables with the trigger, hence only relations named like a shard are counted.
+        placements = conn.execute(text("""
+            SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid)
+            WHERE p.groupid <> 0 AND s.logicalrelid::regclass::text = ANY(:tables)"""),
+            {"tables": sorted(TENANT_TABLES)}).scalar()
+        on_workers = conn.exec_driver_sql(
+            "SELECT result FROM run_command_on_workers($$SELECT count(*) FROM pg_trigger"
+            " WHERE left(tgname, 16) = 'audit_row_change' AND NOT tgisinternal"
+            " AND tgrelid::regclass::text ~ '_[0-9]+$'$$)").scalars().all()
+        assert placements and sum(int(r) for r in on_workers) == placements, (on_workers, placements)
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname = 'audit_row_change'").scalar() == 0
         # The policy functions exist on every worker.
         results = conn.exec_driver_sql(
             "SELECT success, result FROM run_command_on_workers($$SELECT rtv.current_tenant_id() IS NULL$$)").all()
@@ -448,3 +576,46 @@ def test_scoped_point_query_is_routed_to_one_shard(citus_target: Target) -> None
             conn.execute(text("DELETE FROM clients WHERE id = :a"), {"a": a})
         db.close()
         system.close()
+
+
+@needs_citus
+@pytest.mark.citus
+def test_an_audited_write_on_citus_leaves_exactly_one_event(citus_target: Target) -> None:
+    system = SystemScope(citus_target.system_url, reason="citus audit test")  # type: ignore[arg-type]
+    db = Database(citus_target.runtime_url)
+    (a,) = make_tenants(system, f"U{uuid.uuid4().hex[:6]}")
+    try:
+        scope = with_tenant_scope(db, a, correlation_id=f"citus-{a.hex[:8]}")
+        kit = scope.scoped_insert(brand_kits, {"name": "audited on citus"})[0]
+        scope.scoped_update(brand_kits, {"tone": {"voice": "calm"}}, brand_kits.c.id == kit.id)
+        # A multi-row statement through the runtime role: one event per row, no more.
+        with scope.scoped_transaction() as tx:
+            tx.connection.execute(text(
+                "INSERT INTO brand_kits (client_id, name) SELECT :a, 'bulk ' || g FROM generate_series(1, 5) g"), {"a": a})
+        scope.scoped_delete(brand_kits, brand_kits.c.id == kit.id)
+        # Exactly one event per change (not one per node), named by the table, never by a shard.
+        assert _audit_events(system, kit.id) == [("INSERT", "brand_kits"), ("UPDATE", "brand_kits"), ("DELETE", "brand_kits")]
+        with system.transaction() as conn:
+            bulk = conn.execute(text(
+                "SELECT count(*), count(DISTINCT row_id), bool_and(table_name = 'brand_kits') FROM audit_events"
+                " WHERE client_id = :a AND action = 'INSERT' AND row_id IN"
+                " (SELECT id FROM brand_kits WHERE client_id = :a AND name LIKE 'bulk %')"), {"a": a}).one()
+            assert tuple(bulk) == (5, 5, True)
+        # The tenant reads the same events through RLS on the workers, with its context.
+        page = read_audit_trail(scope, row_id=kit.id)
+        assert [(e.action, e.table_name, e.correlation_id) for e in reversed(page.events)] == \
+            [(act, "brand_kits", f"citus-{a.hex[:8]}") for act in ("INSERT", "UPDATE", "DELETE")]
+        # clients is a reference table: its trigger was dropped, so a change of the row is not
+        # audited (the documented gap), and the write itself succeeds.
+        with system.transaction() as conn:
+            conn.execute(text("UPDATE clients SET name = name || ' (renamed)' WHERE id = :a"), {"a": a})
+        assert _audit_events(system, a) == []
+    finally:
+        with system.transaction() as conn:  # cascades to the tenant tables: one DELETE event per row
+            conn.execute(text("DELETE FROM clients WHERE id = :a"), {"a": a})
+            deleted = conn.execute(text(
+                "SELECT count(*) FROM audit_events WHERE client_id = :a AND action = 'DELETE' AND table_name = 'brand_kits'"),
+                {"a": a}).scalar()
+        db.close()
+        system.close()
+    assert deleted == 1 + 1 + 5  # the scoped delete, then the cascade: the seed kit and the five bulk kits

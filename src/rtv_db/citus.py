@@ -7,7 +7,16 @@ What this module does, and only on a server where the ``citus`` extension exists
   node); every tenant table is *distributed* by ``client_id`` and co-located with the first
   one, parents before children so that each composite foreign key finds its parent already
   distributed. It also lists what Citus would refuse (a unique key without ``client_id``, a
-  foreign key Citus cannot enforce, a policy with a subquery it cannot rewrite, a trigger).
+  foreign key Citus cannot enforce, a policy with a subquery it cannot rewrite, a trigger that
+  is not rtv-db's own audit trigger).
+* rtv-db's audit triggers (function ``rtv.audit_row_change``, migration 0003) are planned, not
+  refused: on a distributed tenant table the trigger is kept (Citus runs it on the shard, and
+  its insert goes to the co-located ``audit_events`` shard on the same node) and re-created
+  with the table's logical name as second argument, since on a shard ``TG_TABLE_NAME`` is the
+  shard's name; on a reference table (``clients``) it is dropped, since it would fire on every
+  node's copy and its insert into the distributed ``audit_events`` would be refused there.
+  ``citus.enable_unsafe_triggers`` is set for the distribution transaction only (Citus checks
+  it when a table with triggers is distributed, and for trigger DDL on Citus tables).
 * :func:`apply_distribution` carries the plan out, idempotently (a table that is already a
   Citus table is skipped), in the caller's transaction. ``rtv-db migrate`` calls
   :func:`distribute` in its own transaction right after the Alembic upgrade.
@@ -49,12 +58,16 @@ __all__ = [
     "TableKind",
     "PlannedTable",
     "PolicyRewrite",
+    "AuditTrigger",
+    "AUDIT_TRIGGER_FUNCTION",
     "DistributionPlan",
     "CitusFinding",
     "is_citus",
     "plan_distribution",
     "rewrite_policy_expression",
     "apply_policy_rewrites",
+    "apply_audit_triggers",
+    "relabelled_definition",
     "apply_distribution",
     "distribute",
     "plan_findings",
@@ -72,6 +85,11 @@ _IGNORED_TABLES = frozenset({"alembic_version"})
 # Functions distributed to the workers: the ones the policies call live here.
 _FUNCTION_SCHEMA = "rtv"
 _PROPAGATE_SETTING = "citus.propagate_set_commands"
+_UNSAFE_TRIGGERS_SETTING = "citus.enable_unsafe_triggers"
+# rtv-db's own audit trigger function (migration 0003), recognised by its qualified name; any
+# other trigger stays a problem. It reads the logical table name from its second argument.
+AUDIT_TRIGGER_FUNCTION = "rtv.audit_row_change"
+_AUDIT_NAME_ARGUMENT = "COALESCE(TG_ARGV[1], TG_TABLE_NAME)"  # what 0003's function records
 
 # verify codes (src/rtv_db/verify.py) that do not apply on Citus: Citus forbids the scalar
 # subselect that check recommends, so the per-row call is the only form a policy can take.
@@ -127,6 +145,30 @@ class PolicyRewrite:
     old_with_check: str | None
 
 
+AuditTriggerKind = Literal["keep", "relabel", "drop"]
+
+
+@dataclass(frozen=True)
+class AuditTrigger:
+    """One of rtv-db's audit triggers, and what the distribution does with it.
+
+    ``keep``: on a tenant table, already passing (tenant column, logical table name).
+    ``relabel``: on a tenant table, re-created with those two arguments.
+    ``drop``: on a table without ``client_id`` (``clients``), dropped: on a reference table it
+    would fire on every node, and its insert into the distributed trail is refused there.
+    """
+
+    table: str
+    trigger: str
+    kind: AuditTriggerKind
+    args: tuple[str, ...]  # the trigger's current arguments
+    definition: str  # pg_get_triggerdef: re-created from it, with new arguments, on relabel
+
+    @property
+    def wanted_args(self) -> tuple[str, ...]:
+        return ((self.args[0] if self.args else TENANT_COLUMN), self.table)
+
+
 @dataclass(frozen=True)
 class DistributionPlan:
     """What Citus needs for one schema; computed by :func:`plan_distribution`."""
@@ -137,6 +179,7 @@ class DistributionPlan:
     functions: tuple[str, ...] = ()  # rtv functions (regprocedure text) not yet distributed
     problems: tuple[str, ...] = ()  # what Citus would refuse; nothing is applied while any exists
     citus: bool = False
+    audit_triggers: tuple[AuditTrigger, ...] = ()  # rtv-db's audit triggers, each with its disposition
 
     @property
     def reference_tables(self) -> list[PlannedTable]:
@@ -148,9 +191,19 @@ class DistributionPlan:
 
     @property
     def anchor(self) -> str | None:
-        """The table every tenant table is co-located with (the first distributed table)."""
+        """The table every tenant table is co-located with.
+
+        The first tenant table already distributed by ``client_id`` (so that a table added by a
+        later revision joins the existing colocation group), else the first tenant table.
+        """
         dist = self.distributed_tables
-        return dist[0].name if dist else None
+        done = [t for t in dist if t.done]
+        return done[0].name if done else (dist[0].name if dist else None)
+
+    @property
+    def pending_audit_triggers(self) -> list[AuditTrigger]:
+        """Audit triggers the distribution still has to re-create or drop."""
+        return [t for t in self.audit_triggers if t.kind != "keep"]
 
     @property
     def pending(self) -> list[PlannedTable]:
@@ -225,14 +278,32 @@ _POLICIES_SQL = text(
 
 _TRIGGERS_SQL = text(
     """
-    SELECT c.relname, t.tgname
+    SELECT c.relname, t.tgname, fn.nspname || '.' || f.proname, t.tgnargs, t.tgargs,
+           pg_catalog.pg_get_triggerdef(t.oid)
     FROM pg_catalog.pg_trigger t
     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_catalog.pg_proc f ON f.oid = t.tgfoid
+    JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
     WHERE NOT t.tgisinternal AND n.nspname = :schema
     ORDER BY c.relname, t.tgname
     """
 )
+
+_FUNCTION_SOURCE_SQL = text(
+    """
+    SELECT p.prosrc FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname || '.' || p.proname = :name
+    """
+)
+
+
+def _trigger_args(raw: bytes | memoryview | None, nargs: int) -> tuple[str, ...]:
+    """pg_trigger.tgargs (each argument followed by a NUL byte) as strings."""
+    if not raw or not nargs:
+        return ()
+    return tuple(a.decode() for a in bytes(raw).split(b"\0")[:nargs])
+
 
 _FUNCTIONS_SQL = text(
     """
@@ -385,13 +456,32 @@ def plan_distribution(
         except ValueError as exc:
             problems.append(f"{table}: policy {policy} has a subquery Citus refuses and rtv-db cannot rewrite ({exc})")
 
-    if not allow_triggers:
-        for table, trigger in conn.execute(_TRIGGERS_SQL, {"schema": schema}):
-            if table in oid_of and state.get(oid_of[table], ("local",))[0] == "local":
-                problems.append(
-                    f"{table}: trigger {trigger} (Citus runs triggers on the shards only with"
-                    " citus.enable_unsafe_triggers; this path is not verified for rtv-db)"
-                )
+    audit: list[AuditTrigger] = []
+    for table, trigger, function, nargs, raw_args, definition in conn.execute(_TRIGGERS_SQL, {"schema": schema}):
+        if table not in oid_of:
+            continue
+        if function == AUDIT_TRIGGER_FUNCTION:
+            args = _trigger_args(raw_args, nargs)
+            if table in tenant:
+                item = AuditTrigger(table, trigger, "keep", args, definition)
+                if args != item.wanted_args:
+                    item = AuditTrigger(table, trigger, "relabel", args, definition)
+            else:
+                item = AuditTrigger(table, trigger, "drop", args, definition)
+            audit.append(item)
+        elif not allow_triggers and state.get(oid_of[table], ("local",))[0] == "local":
+            problems.append(
+                f"{table}: trigger {trigger} (Citus runs triggers on the shards only with"
+                " citus.enable_unsafe_triggers; this path is not verified for rtv-db)"
+            )
+    if any(t.kind != "drop" for t in audit):
+        source = conn.execute(_FUNCTION_SOURCE_SQL, {"name": AUDIT_TRIGGER_FUNCTION}).scalar()
+        if source is None or _AUDIT_NAME_ARGUMENT not in source:
+            problems.append(
+                f"{AUDIT_TRIGGER_FUNCTION} does not read the table's logical name from its second argument"
+                f" ({_AUDIT_NAME_ARGUMENT})"
+                " (on Citus the trigger fires on a shard, and its events would name the shard)"
+            )
 
     functions: list[str] = []
     distributed_functions = _distributed_function_oids(conn) if citus else set()
@@ -401,7 +491,11 @@ def plan_distribution(
 
     reference = _toposort([n for n in names if n not in tenant], edges)
     distributed = _toposort([n for n in names if n in tenant], edges)
-    anchor = distributed[0] if distributed else None
+    # The first tenant table already distributed by client_id, else the first one (see
+    # DistributionPlan.anchor): a table added later must join the existing colocation group.
+    settled = [n for n in distributed
+               if state.get(oid_of[n], ("local", None))[:2] == ("distributed", tenant_column)]
+    anchor = settled[0] if settled else (distributed[0] if distributed else None)
     planned: list[PlannedTable] = []
     for n in reference + distributed:
         kind: TableKind = "distributed" if n in tenant else "reference"
@@ -425,7 +519,8 @@ def plan_distribution(
     if len({t.colocation_id for t in done_dist}) > 1:
         problems.append("the distributed tenant tables are in different colocation groups: "
                         + ", ".join(f"{t.name}={t.colocation_id}" for t in done_dist))
-    return DistributionPlan(schema, tuple(planned), tuple(rewrites), tuple(functions), tuple(problems), citus)
+    return DistributionPlan(schema, tuple(planned), tuple(rewrites), tuple(functions), tuple(problems), citus,
+                            tuple(audit))
 
 
 # -- applying it -------------------------------------------------------------------------------------
@@ -456,6 +551,40 @@ def apply_policy_rewrites(conn: Connection, plan: DistributionPlan) -> list[str]
             execution_options={"no_parameters": True},
         )
         done.append(f"policy {rw.policy} on {rw.table} without subselects")
+    return done
+
+
+_EXECUTE_ARGS = re.compile(r"(EXECUTE (?:FUNCTION|PROCEDURE) [^(]+)\((.*)\)\s*$", re.DOTALL)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def relabelled_definition(trigger: AuditTrigger) -> str:
+    """``trigger``'s CREATE TRIGGER statement with the arguments (tenant column, logical table name)."""
+    match = _EXECUTE_ARGS.search(trigger.definition)
+    if match is None:
+        raise MigrationError(f"cannot read the trigger definition of {trigger.trigger} on {trigger.table}")
+    args = ", ".join(_literal(a) for a in trigger.wanted_args)
+    return trigger.definition[: match.start()] + f"{match.group(1)}({args})"
+
+
+def apply_audit_triggers(conn: Connection, plan: DistributionPlan) -> list[str]:
+    """Re-create or drop the audit triggers of ``plan.pending_audit_triggers``.
+
+    Run before the tables are distributed (then it is plain DDL); on a table that is already a
+    Citus table it needs ``citus.enable_unsafe_triggers``, which :func:`apply_distribution` sets.
+    """
+    done = []
+    for t in plan.pending_audit_triggers:
+        table = _qualified(plan.schema, t.table)
+        conn.exec_driver_sql(f"DROP TRIGGER {_ident(t.trigger)} ON {table}")
+        if t.kind == "relabel":
+            conn.exec_driver_sql(relabelled_definition(t), execution_options={"no_parameters": True})
+            done.append(f"{t.table}: audit trigger {t.trigger} passes the table name ({', '.join(t.wanted_args)})")
+        else:
+            done.append(f"{t.table}: audit trigger {t.trigger} dropped (a reference table: it would fire on every node)")
     return done
 
 
@@ -492,9 +621,13 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
     # One connection per worker for everything below: distributing tables that reference a
     # reference table, and distributing functions, inside one transaction need it.
     conn.exec_driver_sql("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
-    if allow_triggers:
-        conn.exec_driver_sql("SET LOCAL citus.enable_unsafe_triggers TO on")
+    if allow_triggers or any(t.kind != "drop" for t in plan.audit_triggers) or plan.pending_audit_triggers:
+        # Citus refuses to distribute a table with triggers, and trigger DDL on Citus tables,
+        # unless this is on. For this transaction only: it is not needed to run the triggers,
+        # and it stays off for everything else (a foreign trigger is still refused).
+        conn.exec_driver_sql(f"SET LOCAL {_UNSAFE_TRIGGERS_SETTING} TO on")
     actions += apply_policy_rewrites(conn, plan)
+    actions += apply_audit_triggers(conn, plan)
     for signature in plan.functions:
         # No distribution argument: the function is created on every node and never delegated.
         conn.execute(text("SELECT create_distributed_function(CAST(:f AS regprocedure))"), {"f": signature})
@@ -584,6 +717,17 @@ def plan_findings(plan: DistributionPlan, *, propagation_set: bool, runtime_role
             "CITUS_POLICY_SUBQUERY", "error", f"{plan.schema}.{rw.table}: policy {rw.policy}",
             f"policy {rw.policy} wraps a function call in a subquery", "Citus refuses subqueries in policies",
             _FIX_MIGRATE)
+    for trig in plan.pending_audit_triggers:
+        obj = f"{plan.schema}.{trig.table}: trigger {trig.trigger}"
+        if trig.kind == "drop":
+            yield CitusFinding(
+                "CITUS_AUDIT_TRIGGER", "error", obj, f"{trig.table} (no {TENANT_COLUMN}) still has the audit trigger",
+                "on a reference table the trigger fires on every node's copy, and its insert into the distributed"
+                " audit_events is refused there: every write to the table would fail", _FIX_MIGRATE)
+        else:
+            yield CitusFinding(
+                "CITUS_AUDIT_TRIGGER", "error", obj, f"the audit trigger on {trig.table} does not pass the table's name",
+                "on Citus the trigger fires on a shard: its events would record the shard's name", _FIX_MIGRATE)
     for signature in plan.functions:
         yield CitusFinding(
             "CITUS_FUNCTION_NOT_DISTRIBUTED", "error", f"function {signature}",

@@ -154,11 +154,14 @@ def upgrade() -> None:
             END IF;
         END IF;
 
+        -- TG_ARGV[1], when given, is the table's logical name: on Citus the trigger fires on
+        -- a shard (brand_kits_102008), and the distribution step passes the name. The
+        -- triggers below pass one argument, so here it is NULL and TG_TABLE_NAME is used.
         INSERT INTO public.audit_events
             (client_id, action, table_name, row_id, changed_columns,
              platform_account_id, lane, user_id, correlation_id)
         VALUES
-            (tenant, TG_OP, TG_TABLE_NAME, row_key, changed,
+            (tenant, TG_OP, COALESCE(TG_ARGV[1], TG_TABLE_NAME), row_key, changed,
              rtv.current_platform_account_id(), rtv.current_lane(),
              rtv.current_user_id(), rtv.current_correlation_id());
         RETURN NULL;
