@@ -21,6 +21,7 @@ __all__ = [
     "CrossTenantWriteError",
     "UnscopedWriteError",
     "InvalidInputError",
+    "SyntheticDataExistsError",
 ]
 
 
@@ -81,3 +82,7 @@ class UnscopedWriteError(TenantError):
 
 class InvalidInputError(RtvDbError, ValueError):
     """Input that fails validation before reaching the database (unknown column, oversized value)."""
+
+
+class SyntheticDataExistsError(RtvDbError):
+    """Synthetic tenants with the slugs a bulk load would create are already in the database."""

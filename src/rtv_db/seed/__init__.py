@@ -1,0 +1,1 @@
+"""Seed data for rtv-db databases (see ``synthetic`` for the bulk synthetic loader)."""
