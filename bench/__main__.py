@@ -16,7 +16,7 @@ from .run import FULL, SMOKE, run_all
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (< 60 s): checks the benchmark runs, measures nothing useful")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks, or .bench-smoke with --smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks, or build/bench-smoke with --smoke)")
     parser.add_argument("--database-url", default=None,
                         help="a superuser URL of a server to use instead of a throw-away embedded one (databases are created and dropped)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     console = Console(stderr=True)
     sizes = SMOKE if args.smoke else FULL
-    out = args.out or (Path(".bench-smoke") if args.smoke else Path("docs/benchmarks"))
+    out = args.out or (Path("build/bench-smoke") if args.smoke else Path("docs/benchmarks"))
     results = run_all(sizes, database_url=args.database_url, console=console, progress=not args.no_progress)
     paths = write_all(results, out)
     console.print(f"[bold]bench[/] done in {results.seconds} s: " + ", ".join(str(p) for p in paths.values()))

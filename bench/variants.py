@@ -90,9 +90,25 @@ def _database(url: str, v: Variants, **options: Any) -> Database:
 
 
 def _rls_psycopg_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
-    """BEGIN and the tenant context in one pipelined round trip, as rtv-db's begin hook does."""
+    """The tenant context set the way rtv-db's begin hook sets it: in a pipeline, on a connection
+    that is not in autocommit (psycopg 3.3 then sends its implicit BEGIN and waits for it before
+    the pipelined call: two round trips, as the wire counts show)."""
     with conn.pipeline():
         conn.execute(context_sql(), context_params(TenantContext(tenant)))
+
+
+def _one_rt_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
+    """BEGIN and the tenant context in ONE round trip: driver autocommit, an explicit BEGIN
+    pipelined with the context call (commit() still sends COMMIT: the server is in a transaction)."""
+    with conn.pipeline():
+        conn.execute("BEGIN")
+        conn.execute(context_sql(), context_params(TenantContext(tenant)))
+
+
+def _psycopg_autocommit(url: str, v: Variants) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(to_libpq_url(url), autocommit=True)
+    v.on_close(conn.close)
+    return conn
 
 
 # -- workload 1: point read by id -----------------------------------------------------------------
@@ -118,6 +134,15 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
         rls.commit()
         _check(row is not None and row[0] == op.tenant, "rls_psycopg point read")
 
+    one = _psycopg_autocommit(runtime_url, v)
+
+    def psycopg_1rt(i: int) -> None:
+        op = ops[i]
+        _one_rt_txn(one, op.tenant)
+        row = one.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
+        one.commit()
+        _check(row is not None and row[0] == op.tenant, "psycopg_1rt point read")
+
     db = _database(runtime_url, v)
 
     def core(i: int) -> None:
@@ -127,6 +152,7 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
 
     v.add("baseline", baseline)
     v.add("rls_psycopg", rls_psycopg)
+    v.add("psycopg_1rt", psycopg_1rt)
     v.add("core", core)
     if with_no_ping:
         db_np = _database(runtime_url, v, pool_pre_ping=False)
@@ -170,6 +196,15 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
         rls.commit()
         _check(len(rows) == limit and rows[0][0] == tenant, "rls_psycopg list")
 
+    one = _psycopg_autocommit(runtime_url, v)
+
+    def psycopg_1rt(i: int) -> None:
+        tenant = ops[i].tenant
+        _one_rt_txn(one, tenant)
+        rows = one.execute(LIST_SQL, (tenant, limit)).fetchall()
+        one.commit()
+        _check(len(rows) == limit and rows[0][0] == tenant, "psycopg_1rt list")
+
     db = _database(runtime_url, v)
 
     def core(i: int) -> None:
@@ -179,6 +214,7 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
 
     v.add("baseline", baseline)
     v.add("rls_psycopg", rls_psycopg)
+    v.add("psycopg_1rt", psycopg_1rt)
     v.add("core", core)
     return v
 
