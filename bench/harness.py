@@ -63,7 +63,10 @@ def interleave(
     """Time ``variants`` (each called with the operation number) interleaved; see the module doc."""
     names = list(variants)
     for name in names:  # warm-up: connections, prepared statements, caches
+        prepare = getattr(variants[name], "prepare", None)
         for i in range(warmup):
+            if prepare is not None:
+                prepare(i)
             variants[name](i)
     samples: dict[str, list[float]] = {name: [] for name in names}
     clock = time.perf_counter
@@ -72,8 +75,11 @@ def interleave(
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn = variants[name]
+            prepare = getattr(fn, "prepare", None)  # untimed per-operation setup, if the variant has one
             out = samples[name]
             for i in range(batch):
+                if prepare is not None:
+                    prepare(op + i)
                 start = clock()
                 fn(op + i)
                 out.append(clock() - start)

@@ -105,6 +105,38 @@ def _one_rt_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
         conn.execute(context_sql(), context_params(TenantContext(tenant)))
 
 
+# The same five settings as rtv.set_tenant_context, with set_config(..., is_local => true)
+# instead of the PL/pgSQL function's five dynamic SET LOCAL statements: what that costs.
+SET_CONFIG_SQL = (
+    "SELECT set_config('app.current_tenant_id', %s, true), set_config('app.current_platform_account_id', '', true),"
+    " set_config('app.current_lane', 'api', true), set_config('app.current_user_id', '', true),"
+    " set_config('app.correlation_id', %s, true)"
+)
+
+
+def _set_config_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
+    ctx = TenantContext(tenant)
+    with conn.pipeline():
+        conn.execute("BEGIN")
+        conn.execute(SET_CONFIG_SQL, (str(ctx.tenant_id), ctx.correlation_id))
+
+
+def _session_context(url: str, v: Variants, tenant_holder: list[uuid.UUID | None]) -> psycopg.Connection[Any]:
+    """A runtime-role connection for measuring RLS on the query alone: the context is set once per
+    tenant change at SESSION level (set_config(..., false)), so a transaction carries no context
+    statement. A measuring device only; rtv-db itself always sets the context per transaction."""
+    conn = psycopg.connect(to_libpq_url(url))
+    v.on_close(conn.close)
+    return conn
+
+
+def _ensure_session_tenant(conn: psycopg.Connection[Any], current: list[Any], tenant: uuid.UUID) -> None:
+    if current[0] != tenant:
+        conn.execute("SELECT set_config('app.current_tenant_id', %s, false)", (str(tenant),))
+        conn.commit()
+        current[0] = tenant
+
+
 def _psycopg_autocommit(url: str, v: Variants) -> psycopg.Connection[Any]:
     conn = psycopg.connect(to_libpq_url(url), autocommit=True)
     v.on_close(conn.close)
@@ -143,6 +175,26 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
         one.commit()
         _check(row is not None and row[0] == op.tenant, "psycopg_1rt point read")
 
+    qo, qo_tenant = _session_context(runtime_url, v, []), [None]
+
+    def rls_query_only(i: int) -> None:
+        op = ops[i]
+        _ensure_session_tenant(qo, qo_tenant, op.tenant)  # no-op here: done by prepare(), untimed
+        row = qo.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
+        qo.commit()
+        _check(row is not None and row[0] == op.tenant, "rls_query_only point read")
+
+    rls_query_only.prepare = lambda i: _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # type: ignore[attr-defined]
+
+    sc = _psycopg_autocommit(runtime_url, v)
+
+    def set_config_1rt(i: int) -> None:
+        op = ops[i]
+        _set_config_txn(sc, op.tenant)
+        row = sc.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
+        sc.commit()
+        _check(row is not None and row[0] == op.tenant, "set_config_1rt point read")
+
     db = _database(runtime_url, v)
 
     def core(i: int) -> None:
@@ -151,8 +203,10 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
         _check(row is not None and row.client_id == op.tenant, "core point read")
 
     v.add("baseline", baseline)
+    v.add("rls_query_only", rls_query_only)
     v.add("rls_psycopg", rls_psycopg)
     v.add("psycopg_1rt", psycopg_1rt)
+    v.add("set_config_1rt", set_config_1rt)
     v.add("core", core)
     if with_no_ping:
         db_np = _database(runtime_url, v, pool_pre_ping=False)
@@ -205,6 +259,17 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
         one.commit()
         _check(len(rows) == limit and rows[0][0] == tenant, "psycopg_1rt list")
 
+    qo, qo_tenant = _session_context(runtime_url, v, []), [None]
+
+    def rls_query_only(i: int) -> None:
+        tenant = ops[i].tenant
+        _ensure_session_tenant(qo, qo_tenant, tenant)  # no-op here: done by prepare(), untimed
+        rows = qo.execute(LIST_SQL, (tenant, limit)).fetchall()
+        qo.commit()
+        _check(len(rows) == limit and rows[0][0] == tenant, "rls_query_only list")
+
+    rls_query_only.prepare = lambda i: _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # type: ignore[attr-defined]
+
     db = _database(runtime_url, v)
 
     def core(i: int) -> None:
@@ -213,6 +278,7 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
         _check(len(rows) == limit and rows[0].client_id == tenant, "core list")
 
     v.add("baseline", baseline)
+    v.add("rls_query_only", rls_query_only)
     v.add("rls_psycopg", rls_psycopg)
     v.add("psycopg_1rt", psycopg_1rt)
     v.add("core", core)

@@ -22,7 +22,6 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
 
 from sqlalchemy.engine import URL, make_url
 

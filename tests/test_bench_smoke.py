@@ -27,7 +27,7 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
     assert set(workloads) == {"point_read", "tenant_list", "context_switch", "concurrency", "writes", "scale"}
     for name in ("point_read", "tenant_list"):
         latency = workloads[name]["latency"]
-        assert {"baseline", "rls_psycopg", "psycopg_1rt", "core"} <= set(latency)
+        assert {"baseline", "rls_query_only", "rls_psycopg", "psycopg_1rt", "core"} <= set(latency)
         for stats in latency.values():
             assert stats["n"] > 0 and stats["median_us"] > 0 and stats["ratio"] > 0
         assert latency["baseline"]["ratio"] == 1.0
@@ -36,6 +36,7 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
         assert wire["baseline"]["round_trips_per_op"] == 3
         assert wire["baseline"]["statements_per_op"] == 3
         assert wire["psycopg_1rt"]["round_trips_per_op"] == 3
+        assert wire["rls_query_only"]["round_trips_per_op"] == 3
         assert any("set_tenant_context" in sql for trip in wire["core"]["one_op"] for sql in trip)
     assert "orm" in workloads["point_read"]["latency"]
     assert len(workloads["scale"]["points"]) == len(data["sizes"]["scale_tenants"])
