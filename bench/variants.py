@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from sqlalchemy import select
 
 from rtv_db import BrandKit, Database, EngineOptions, TenantContext, brand_kits, tenant_session, with_tenant_scope
 from rtv_db.config import to_libpq_url
@@ -81,6 +82,17 @@ def _psycopg(url: str, v: Variants) -> psycopg.Connection[Any]:
     conn = psycopg.connect(to_libpq_url(url))
     v.on_close(conn.close)
     return conn
+
+
+def _plain_engine(url: str, v: Variants) -> Any:
+    """A plain SQLAlchemy engine (no rtv-db hooks) with rtv-db's pool defaults: SQLAlchemy's own cost."""
+    from sqlalchemy import create_engine
+
+    from rtv_db.config import to_sqlalchemy_url
+
+    engine = create_engine(to_sqlalchemy_url(url), **EngineOptions().engine_kwargs())
+    v.on_close(engine.dispose)
+    return engine
 
 
 def _database(url: str, v: Variants, **options: Any) -> Database:
@@ -195,6 +207,16 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
         sc.commit()
         _check(row is not None and row[0] == op.tenant, "set_config_1rt point read")
 
+    plain = _plain_engine(system_url, v)
+
+    def sqlalchemy_core(i: int) -> None:
+        op = ops[i]
+        with plain.begin() as conn:
+            row = conn.execute(
+                select(brand_kits).where(brand_kits.c.client_id == op.tenant, brand_kits.c.id == op.row).limit(1)
+            ).first()
+        _check(row is not None and row.client_id == op.tenant, "sqlalchemy_core point read")
+
     db = _database(runtime_url, v)
 
     def core(i: int) -> None:
@@ -207,6 +229,7 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
     v.add("rls_psycopg", rls_psycopg)
     v.add("psycopg_1rt", psycopg_1rt)
     v.add("set_config_1rt", set_config_1rt)
+    v.add("sqlalchemy_core", sqlalchemy_core)
     v.add("core", core)
     if with_no_ping:
         db_np = _database(runtime_url, v, pool_pre_ping=False)
@@ -270,6 +293,16 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
 
     rls_query_only.prepare = lambda i: _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # type: ignore[attr-defined]
 
+    plain = _plain_engine(system_url, v)
+
+    def sqlalchemy_core(i: int) -> None:
+        tenant = ops[i].tenant
+        with plain.begin() as conn:
+            rows = conn.execute(
+                select(brand_kits).where(brand_kits.c.client_id == tenant).order_by(brand_kits.c.id).limit(limit)
+            ).all()
+        _check(len(rows) == limit and rows[0].client_id == tenant, "sqlalchemy_core list")
+
     db = _database(runtime_url, v)
 
     def core(i: int) -> None:
@@ -281,6 +314,7 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
     v.add("rls_query_only", rls_query_only)
     v.add("rls_psycopg", rls_psycopg)
     v.add("psycopg_1rt", psycopg_1rt)
+    v.add("sqlalchemy_core", sqlalchemy_core)
     v.add("core", core)
     return v
 
@@ -315,6 +349,16 @@ def writes(runtime_url: str, system_url: str, ops: list[Op], *, tag: str) -> Var
         row = base.execute(INSERT_SQL, (tenant, uuid.uuid4(), f"bench {tag} b{i} {uuid.uuid4().hex[:8]}")).fetchone()
         base.commit()
         _check(row is not None and row[0] == tenant, "baseline insert")
+
+    plain = _plain_engine(system_url, v)
+
+    def sqlalchemy_core(i: int) -> None:
+        tenant = ops[i].tenant
+        with plain.begin() as conn:
+            rows = conn.execute(
+                select(brand_kits).where(brand_kits.c.client_id == tenant).order_by(brand_kits.c.id).limit(limit)
+            ).all()
+        _check(len(rows) == limit and rows[0].client_id == tenant, "sqlalchemy_core list")
 
     db = _database(runtime_url, v)
 
