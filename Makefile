@@ -22,6 +22,15 @@ test: $(BIN)/rtv-db
 test-soak: $(BIN)/rtv-db
 	$(BIN)/python -m pytest -m soak
 
+# Benchmarks (bench/): its own throw-away embedded server; results in docs/benchmarks/.
+# BENCH_ARGS="--database-url postgresql://..." runs against another server (superuser URL).
+bench: $(BIN)/rtv-db
+	PYTHONPATH=src:. $(BIN)/python -m bench $(BENCH_ARGS)
+
+# Tiny sizes, well under a minute: checks the benchmark runs (results in build/bench-smoke/).
+bench-smoke: $(BIN)/rtv-db
+	PYTHONPATH=src:. $(BIN)/python -m bench --smoke $(BENCH_ARGS)
+
 clean:
 	-$(BIN)/rtv-db server stop
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -23,6 +23,7 @@ __all__ = [
     "UnscopedWriteError",
     "InvalidInputError",
     "AuditError",
+    "SyntheticDataExistsError",
 ]
 
 
@@ -96,3 +97,7 @@ class InvalidInputError(RtvDbError, ValueError):
 
 class AuditError(RtvDbError):
     """An audit trail operation failed in the database (e.g. a purge by a role that may not purge)."""
+
+
+class SyntheticDataExistsError(RtvDbError):
+    """Synthetic tenants with the slugs a bulk load would create are already in the database."""
