@@ -28,9 +28,9 @@ from sqlalchemy.pool import NullPool
 
 from conftest import make_tenants
 from rtv_db import Database, SystemScope, brand_kits, citus, read_audit_trail, with_tenant_scope
-from rtv_db.config import Settings, to_sqlalchemy_url
-from rtv_db.errors import MigrationError
-from rtv_db.migrate import head_revision, migrate
+from rtv_db.config import Settings, to_libpq_url, to_sqlalchemy_url
+from rtv_db.errors import CitusSignedContextError, MigrationError
+from rtv_db.migrate import current_revision, head_revision, migrate
 from rtv_db.targets import Target
 
 CITUS_URL = os.environ.get("CITUS_URL")
@@ -39,6 +39,7 @@ SHARD_SUFFIX = re.compile(r"[a-z_]+_\d{5,}")
 TENANT_TABLES = {"platform_accounts", "brand_kits", "knowledge_bases", "knowledge_chunks", "platform_actions"}
 # The audit trail (migration 0003) is a tenant table too: distributed by client_id, co-located.
 DISTRIBUTED_TABLES = TENANT_TABLES | {"audit_events"}
+READERS = {"rtv.current_tenant_id()", "rtv.current_platform_account_id()", "rtv.current_lane()"}
 
 
 def _admin_engine(url: str):  # noqa: ANN202
@@ -98,6 +99,9 @@ def test_plan_of_the_migrated_schema(admin_sa: Connection) -> None:
         " FOR EACH ROW EXECUTE FUNCTION rtv.audit_row_change('client_id', 'brand_kits')")
     assert {"rtv.current_tenant_id()", "rtv.to_uuid_or_null(text)",
             "rtv.set_tenant_context(uuid,uuid,text,text,text)"} <= set(plan.functions)
+    # Signed mode (the default), whose readers verify tokens against rtv_secret.
+    assert plan.context_mode == "signed"
+    assert set(plan.context_readers) == READERS
 
 
 def test_rewrite_policy_expression() -> None:
@@ -133,6 +137,8 @@ def test_plan_reports_what_citus_refuses(target: Target, admin_conn: psycopg.Con
         -- Same name as rtv-db's audit trigger and function, but another schema's function: foreign.
         CREATE FUNCTION public.audit_row_change() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
         CREATE TRIGGER audit_row_change AFTER INSERT ON gizmos FOR EACH ROW EXECUTE FUNCTION public.audit_row_change();
+        -- Unsigned mode: the one mode Citus accepts; the schema problems are what is tested here.
+        UPDATE rtv_secret.context_settings SET mode = 'unsigned';
     """)
     subselect_policies = admin_conn.execute(
         "SELECT count(*) FROM pg_policies WHERE strpos(qual, 'SELECT rtv.current_tenant_id()') > 0").fetchone()[0]
@@ -381,9 +387,115 @@ def test_migrate_distributes_after_the_upgrade_when_citus(empty_target: Target, 
 
     monkeypatch.setattr(citus, "is_citus", lambda conn: True)
     monkeypatch.setattr(citus, "distribute", fake_distribute)
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")  # signed mode is refused on Citus
     result = migrate(empty_target.require_admin(), empty_target.settings)
     assert result.citus_actions == ("brand_kits: distributed by client_id",)
     assert seen == {"revision": head_revision(), "locked": 1, "role": "rtv_app"}
+
+
+# -- the tenant context on Citus: signed refused, unsigned with plain readers ----------------------
+
+
+def _readers(conn: Connection) -> dict[str, tuple[str, bool]]:
+    rows = conn.exec_driver_sql(
+        "SELECT p.oid::regprocedure::text, p.prosrc, p.prosecdef FROM pg_proc p"
+        " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'rtv'"
+        " AND p.proname IN ('current_tenant_id', 'current_platform_account_id', 'current_lane')")
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def test_signed_mode_is_refused_before_anything_changes(admin_sa: Connection) -> None:
+    plan = citus.plan_distribution(admin_sa)
+    readers_before = _readers(admin_sa)
+    assert all(secdef and "rtv_secret" in src for src, secdef in readers_before.values())
+    admin_sa.rollback()
+    with admin_sa.begin():
+        with pytest.raises(CitusSignedContextError, match="not supported on Citus") as caught:
+            citus.apply_distribution(admin_sa, plan, runtime_role="rtv_app")
+        assert "RTV_DB_CONTEXT_MODE=unsigned" in str(caught.value)
+        with pytest.raises(CitusSignedContextError):
+            citus.apply_context_readers(admin_sa, plan)
+    # Nothing changed: the readers still verify tokens, the policies keep their subselects.
+    assert _readers(admin_sa) == readers_before
+    assert admin_sa.exec_driver_sql("SELECT count(*) FROM pg_policies WHERE qual ~* 'select'").scalar() >= 7
+    codes = {f.code for f in citus.plan_findings(plan, propagation_set=True, runtime_role="rtv_app")}
+    assert "CITUS_SIGNED_CONTEXT" in codes and "CITUS_CONTEXT_READERS" not in codes
+    assert isinstance(caught.value, MigrationError)  # callers catching migrate's errors see it too
+
+
+def test_migrate_on_citus_refuses_signed_mode_before_anything(empty_target: Target,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_distribute(*args: object, **kwargs: object) -> list[str]:
+        raise AssertionError("nothing may be distributed in signed mode")
+
+    monkeypatch.setattr(citus, "is_citus", lambda conn: True)
+    monkeypatch.setattr(citus, "distribute", no_distribute)
+    monkeypatch.delenv("RTV_DB_CONTEXT_MODE", raising=False)  # the default: signed
+    with pytest.raises(CitusSignedContextError):
+        migrate(empty_target.require_admin(), empty_target.settings)
+    # Refused in the first transaction, before the bootstrap and the revisions: nothing is there.
+    assert current_revision(empty_target.require_admin()) is None
+    with psycopg.connect(to_libpq_url(empty_target.require_admin())) as conn:
+        assert conn.execute("SELECT to_regnamespace('rtv') IS NULL").fetchone()[0]
+
+
+def test_plain_postgres_keeps_the_signed_readers(empty_target: Target) -> None:
+    # Without citus, migrate never replaces the readers: signed mode is exactly revision 0004's.
+    engine = _admin_engine(empty_target.require_admin())
+    with engine.connect() as conn:
+        assert citus.database_context_mode(conn) is None  # before revision 0004: no mode at all
+    migrate(empty_target.require_admin(), empty_target.settings)
+    with engine.connect() as conn:
+        # A role without EXECUTE on rtv.context_mode() cannot tell (None), and is not failed.
+        conn.exec_driver_sql("SET ROLE pg_monitor")
+        assert citus.database_context_mode(conn) is None
+        conn.exec_driver_sql("RESET ROLE")
+        readers = _readers(conn)
+        assert set(readers) == READERS
+        assert all(secdef and "rtv_secret.verified_context()" in src for src, secdef in readers.values())
+        assert citus.database_context_mode(conn) == "signed"
+    engine.dispose()
+
+
+def test_unsigned_mode_gets_plain_readers_and_keeps_isolation(target: Target, admin_sa: Connection,
+                                                              system: SystemScope,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the distribution does in unsigned mode, run here on plain tables: the policies in
+    # their Citus form and the readers replaced by the plain ones, which need no rtv_secret.
+    with admin_sa.begin():
+        admin_sa.exec_driver_sql("UPDATE rtv_secret.context_settings SET mode = 'unsigned'")
+        plan = citus.plan_distribution(admin_sa)
+        assert plan.context_mode == "unsigned" and set(plan.context_readers) == READERS
+        codes = {f.code for f in citus.plan_findings(plan, propagation_set=True, runtime_role="rtv_app")}
+        assert "CITUS_CONTEXT_READERS" in codes and "CITUS_SIGNED_CONTEXT" not in codes
+        citus.apply_policy_rewrites(admin_sa, plan)
+        citus.apply_audit_triggers(admin_sa, plan)
+        actions = citus.apply_context_readers(admin_sa, plan)
+    assert len(actions) == 3
+    readers = _readers(admin_sa)
+    assert all(not secdef and "rtv_secret" not in src and "current_setting('app." in src for src, secdef in readers.values())
+    again = citus.plan_distribution(admin_sa)
+    assert again.context_readers == ()
+    assert citus.apply_context_readers(admin_sa, again) == []
+    admin_sa.rollback()
+
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")
+    db = Database(target.runtime_url)
+    try:
+        a, b = make_tenants(system, f"A{uuid.uuid4().hex[:6]}", f"B{uuid.uuid4().hex[:6]}")
+        assert [r.client_id for r in with_tenant_scope(db, a).scoped_query(brand_kits)] == [a]
+        assert [r.client_id for r in with_tenant_scope(db, b).scoped_query(brand_kits)] == [b]
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM brand_kits")).scalar() == 0
+        with pytest.raises(DBAPIError, match="row-level security"):
+            with with_tenant_scope(db, a).scoped_transaction() as scope:
+                scope.connection.execute(text("INSERT INTO brand_kits (client_id, name) VALUES (:b, 'x')"), {"b": b})
+        # The price of unsigned mode, stated as a test: a forged SET LOCAL is believed.
+        with db.engine.begin() as conn:
+            conn.execute(text("SELECT set_config('app.current_tenant_id', :b, true)"), {"b": str(b)})
+            assert conn.execute(text("SELECT count(*) FROM brand_kits")).scalar() == 1
+    finally:
+        db.close()
 
 
 # -- the isolation suite, on both backends ---------------------------------------------------------
@@ -404,7 +516,9 @@ def citus_target() -> Iterator[Target]:
         pytest.skip("no Citus coordinator: set CITUS_URL (an admin URL) to run")
     settings = Settings.from_env()
     admin = to_sqlalchemy_url(CITUS_URL)
-    migrate(admin, settings)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RTV_DB_CONTEXT_MODE", "unsigned")  # the one mode rtv-db supports on Citus
+        migrate(admin, settings)
     yield Target(admin, settings.derived_runtime_url(admin), settings.derived_system_url(admin), settings)
 
 
@@ -412,6 +526,8 @@ def citus_target() -> Iterator[Target]:
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     if request.param == "citus":
         t: Target = request.getfixturevalue("citus_target")
+        # The engines resolve the mode at their first transaction: unsigned, as migrated.
+        request.getfixturevalue("monkeypatch").setenv("RTV_DB_CONTEXT_MODE", "unsigned")
     else:
         # The embedded server, with the policies in the form migrate gives them on Citus.
         t = request.getfixturevalue("target")
@@ -539,8 +655,49 @@ def test_migrate_distributed_every_tenant_table(citus_target: Target) -> None:
     assert migrate(citus_target.require_admin(), citus_target.settings).citus_actions == ()
 
 
+@pytest.fixture()
+def unsigned_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines made in the test resolve the context mode at their first transaction: unsigned."""
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")
+
+
 @needs_citus
 @pytest.mark.citus
+def test_workers_run_the_plain_readers(citus_target: Target) -> None:
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.connect() as conn:
+        assert citus.database_context_mode(conn) == "unsigned"
+        plan = citus.plan_distribution(conn)
+        assert plan.context_mode == "unsigned" and plan.context_readers == ()
+        # On every worker the readers the policies call read app.* settings, no rtv_secret table.
+        for reader in READERS:
+            results = conn.exec_driver_sql(
+                "SELECT success, result FROM run_command_on_workers($$SELECT prosecdef::text || ':' ||"
+                f" (prosrc LIKE '%rtv_secret%')::text FROM pg_proc WHERE oid = '{reader}'::regprocedure$$)").all()
+            assert results and all(ok and res == "false:false" for ok, res in results), (reader, results)
+    engine.dispose()
+
+
+@needs_citus
+@pytest.mark.citus
+def test_signed_mode_is_refused_on_a_citus_coordinator(citus_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RTV_DB_CONTEXT_MODE", raising=False)  # the default: signed
+    with pytest.raises(CitusSignedContextError):
+        migrate(citus_target.require_admin(), citus_target.settings)
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.connect() as conn:
+        assert citus.database_context_mode(conn) == "unsigned"  # nothing was changed
+        assert list(citus.check_citus(conn, None)) == []
+    engine.dispose()
+    # verify reports the unsigned mode as a finding: the forged-context hole is open on Citus.
+    from rtv_db.signing import check_context_mode
+    with psycopg.connect(to_libpq_url(citus_target.require_admin())) as conn:
+        assert [f["code"] for f in check_context_mode(conn)] == ["context-unsigned"]
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
 def test_runtime_role_propagates_set_local(citus_target: Target) -> None:
     with Database(citus_target.runtime_url).engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW citus.propagate_set_commands").scalar() == "local"
@@ -553,6 +710,7 @@ def _explain(conn: Connection, stmt: object) -> str:
 
 @needs_citus
 @pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
 def test_scoped_point_query_is_routed_to_one_shard(citus_target: Target) -> None:
     from rtv_db.tenant._statements import build_select
 
@@ -580,6 +738,7 @@ def test_scoped_point_query_is_routed_to_one_shard(citus_target: Target) -> None
 
 @needs_citus
 @pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
 def test_an_audited_write_on_citus_leaves_exactly_one_event(citus_target: Target) -> None:
     system = SystemScope(citus_target.system_url, reason="citus audit test")  # type: ignore[arg-type]
     db = Database(citus_target.runtime_url)

@@ -38,6 +38,15 @@ Three Citus facts shape this (see docs/citus.md for the sources):
 * The policies call ``rtv.*`` functions on the workers, so every function of the ``rtv``
   schema is distributed (``create_distributed_function``, without a distribution argument:
   ``rtv.set_tenant_context`` must run on the coordinator, never be delegated to a worker).
+
+The signed tenant context (migration 0004, the default) is **refused** on Citus
+(:class:`~rtv_db.errors.CitusSignedContextError`, before anything changes): its readers cannot
+verify a token on a worker the way they do on PostgreSQL (the keys would have to be read from a
+Citus table inside a shard query, which Citus forbids; the pid and transaction checks have no
+sound worker-side equivalent that could be tested here). In unsigned mode the distribution
+replaces the three readers the policies call with the plain, table-free readers of revision 0002
+(:data:`PLAIN_CONTEXT_READERS`), so that the workers need nothing from ``rtv_secret``. See
+docs/citus.md, "The signed tenant context on Citus".
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Engine, event, text
 
 from .config import ROLE_NAME
-from .errors import MigrationError
+from .errors import CitusSignedContextError, MigrationError
 
 __all__ = [
     "TENANT_COLUMN",
@@ -75,6 +84,10 @@ __all__ = [
     "unshard_message",
     "install_error_mapping",
     "SUPERSEDED_VERIFY_CODES",
+    "PLAIN_CONTEXT_READERS",
+    "database_context_mode",
+    "refuse_signed_context",
+    "apply_context_readers",
 ]
 
 _log = logging.getLogger("rtv_db.citus")
@@ -90,6 +103,28 @@ _UNSAFE_TRIGGERS_SETTING = "citus.enable_unsafe_triggers"
 # other trigger stays a problem. It reads the logical table name from its second argument.
 AUDIT_TRIGGER_FUNCTION = "rtv.audit_row_change"
 _AUDIT_NAME_ARGUMENT = "COALESCE(TG_ARGV[1], TG_TABLE_NAME)"  # what 0003's function records
+
+# The readers the policies call, in the plain form of revision 0002 (read app.* settings, no
+# table, SECURITY INVOKER): what a worker can evaluate inside a shard query. Installed by the
+# distribution in unsigned mode only; signed mode is refused on Citus (refuse_signed_context).
+PLAIN_CONTEXT_READERS: dict[str, str] = {
+    "rtv.current_tenant_id()": """
+        CREATE OR REPLACE FUNCTION rtv.current_tenant_id() RETURNS uuid
+            LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+        AS $$ SELECT rtv.to_uuid_or_null(current_setting('app.current_tenant_id', true)) $$""",
+    "rtv.current_platform_account_id()": """
+        CREATE OR REPLACE FUNCTION rtv.current_platform_account_id() RETURNS uuid
+            LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+        AS $$ SELECT rtv.to_uuid_or_null(current_setting('app.current_platform_account_id', true)) $$""",
+    "rtv.current_lane()": """
+        CREATE OR REPLACE FUNCTION rtv.current_lane() RETURNS text
+            LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+        AS $$
+            SELECT CASE WHEN lane IN ('api', 'browser') THEN lane END
+            FROM current_setting('app.current_lane', true) AS lane
+        $$""",
+}
+_SECRET_SCHEMA = "rtv_secret"
 
 # verify codes (src/rtv_db/verify.py) that do not apply on Citus: Citus forbids the scalar
 # subselect that check recommends, so the per-row call is the only form a policy can take.
@@ -180,6 +215,11 @@ class DistributionPlan:
     problems: tuple[str, ...] = ()  # what Citus would refuse; nothing is applied while any exists
     citus: bool = False
     audit_triggers: tuple[AuditTrigger, ...] = ()  # rtv-db's audit triggers, each with its disposition
+    # The database's tenant context mode (rtv.context_mode(): signed/unsigned), None before 0004.
+    context_mode: str | None = None
+    # Readers the policies call that still verify a signed token (read rtv_secret): replaced by
+    # PLAIN_CONTEXT_READERS in unsigned mode; refused in signed mode.
+    context_readers: tuple[str, ...] = ()
 
     @property
     def reference_tables(self) -> list[PlannedTable]:
@@ -296,6 +336,48 @@ _FUNCTION_SOURCE_SQL = text(
     WHERE n.nspname || '.' || p.proname = :name
     """
 )
+
+
+_READERS_SQL = text(
+    """
+    SELECT p.oid::regprocedure::text, p.prosrc, p.prosecdef
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname || '.' || p.proname || '()' = ANY(:names) AND p.pronargs = 0
+    ORDER BY 1
+    """
+)
+
+
+def database_context_mode(conn: Connection) -> str | None:
+    """The tenant context mode the database enforces (``signed``/``unsigned``), None before 0004."""
+    # A role without EXECUTE on it (verify may run as any catalog reader) cannot tell: None.
+    if not conn.exec_driver_sql(
+        "SELECT CASE WHEN to_regnamespace('rtv') IS NULL THEN false"
+        " WHEN NOT has_schema_privilege(to_regnamespace('rtv'), 'USAGE') THEN false"
+        " WHEN to_regprocedure('rtv.context_mode()') IS NULL THEN false"
+        " ELSE has_function_privilege(to_regprocedure('rtv.context_mode()'), 'EXECUTE') END"
+    ).scalar():
+        return None
+    mode = conn.exec_driver_sql("SELECT rtv.context_mode()").scalar()
+    return None if mode is None else str(mode)
+
+
+def _signed_readers(conn: Connection) -> tuple[str, ...]:
+    """Readers the policies call whose definition is not the plain one (they verify a token)."""
+    rows = conn.execute(_READERS_SQL, {"names": list(PLAIN_CONTEXT_READERS)})
+    return tuple(sig for sig, source, secdef in rows if secdef or _SECRET_SCHEMA in (source or ""))
+
+
+def refuse_signed_context(mode: str | None) -> None:
+    """Raise :class:`CitusSignedContextError` when ``mode`` is the signed tenant context."""
+    if mode == "signed":
+        raise CitusSignedContextError(
+            "the signed tenant context (the default) is not supported on Citus: its readers cannot verify the"
+            " token on the workers (no keys there, and Citus forbids reading a reference table from a shard"
+            " query), so every tenant query would fail. Nothing was changed. To run on Citus, set"
+            " RTV_DB_CONTEXT_MODE=unsigned and run rtv-db migrate again; this reopens the forged-context hole"
+            " (rtv-db verify reports it). See docs/citus.md, 'The signed tenant context on Citus'."
+        )
 
 
 def _trigger_args(raw: bytes | memoryview | None, nargs: int) -> tuple[str, ...]:
@@ -520,7 +602,7 @@ def plan_distribution(
         problems.append("the distributed tenant tables are in different colocation groups: "
                         + ", ".join(f"{t.name}={t.colocation_id}" for t in done_dist))
     return DistributionPlan(schema, tuple(planned), tuple(rewrites), tuple(functions), tuple(problems), citus,
-                            tuple(audit))
+                            tuple(audit), database_context_mode(conn), _signed_readers(conn))
 
 
 # -- applying it -------------------------------------------------------------------------------------
@@ -588,6 +670,20 @@ def apply_audit_triggers(conn: Connection, plan: DistributionPlan) -> list[str]:
     return done
 
 
+def apply_context_readers(conn: Connection, plan: DistributionPlan) -> list[str]:
+    """Replace ``plan.context_readers`` by :data:`PLAIN_CONTEXT_READERS` (unsigned mode only).
+
+    Raises :class:`CitusSignedContextError` in signed mode: the plain readers would trust any
+    ``SET LOCAL``, which is what signed mode exists to prevent.
+    """
+    refuse_signed_context(plan.context_mode)
+    done = []
+    for signature in plan.context_readers:
+        conn.exec_driver_sql(PLAIN_CONTEXT_READERS[signature], execution_options={"no_parameters": True})
+        done.append(f"function {signature}: the plain reader (unsigned mode; no rtv_secret on the workers)")
+    return done
+
+
 def _role_has_propagation(conn: Connection, role: str) -> bool:
     row = conn.execute(
         text(
@@ -613,6 +709,7 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
     Raises :class:`MigrationError` before changing anything when the plan has problems.
     Run as the admin login (superuser): it creates distributed objects and alters a role.
     """
+    refuse_signed_context(plan.context_mode)  # first: nothing is changed in signed mode
     if plan.problems:
         raise MigrationError("Citus cannot distribute this schema as it is:\n  - " + "\n  - ".join(plan.problems))
     if not ROLE_NAME.match(runtime_role):
@@ -628,6 +725,8 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
         conn.exec_driver_sql(f"SET LOCAL {_UNSAFE_TRIGGERS_SETTING} TO on")
     actions += apply_policy_rewrites(conn, plan)
     actions += apply_audit_triggers(conn, plan)
+    # Before the functions are distributed, so that the workers get the plain readers.
+    actions += apply_context_readers(conn, plan)
     for signature in plan.functions:
         # No distribution argument: the function is created on every node and never delegated.
         conn.execute(text("SELECT create_distributed_function(CAST(:f AS regprocedure))"), {"f": signature})
@@ -738,6 +837,19 @@ def plan_findings(plan: DistributionPlan, *, propagation_set: bool, runtime_role
             "CITUS_SET_NOT_PROPAGATED", "error", f"role {runtime_role}",
             f"{_PROPAGATE_SETTING} is not 'local' for {runtime_role}",
             "without it SET LOCAL stays on the coordinator: the workers see no tenant and return no rows",
+            _FIX_MIGRATE)
+    if plan.context_mode == "signed":
+        yield CitusFinding(
+            "CITUS_SIGNED_CONTEXT", "error", "rtv_secret.context_settings",
+            "the tenant context is signed, which rtv-db does not support on Citus",
+            "the readers verify the token against rtv_secret, which the workers cannot read inside a shard query:"
+            " tenant queries fail on the workers (see docs/citus.md, 'The signed tenant context on Citus')",
+            "set RTV_DB_CONTEXT_MODE=unsigned and run `rtv-db migrate` (this reopens the forged-context hole)")
+    elif plan.context_readers:
+        yield CitusFinding(
+            "CITUS_CONTEXT_READERS", "error", ", ".join(plan.context_readers),
+            "the context readers still verify a signed token (they read rtv_secret)",
+            "the policies call them on the workers, where rtv_secret's tables do not exist: tenant queries fail",
             _FIX_MIGRATE)
     for p in plan.problems:
         yield CitusFinding("CITUS_UNSUPPORTED", "error", plan.schema, p,

@@ -14,6 +14,7 @@ __all__ = [
     "UnsafeRuntimeRoleError",
     "ServerError",
     "MigrationError",
+    "CitusSignedContextError",
     "TenantError",
     "InvalidTenantContextError",
     "MissingTenantContextError",
@@ -52,6 +53,17 @@ class ServerError(RtvDbError):
 
 class MigrationError(RtvDbError):
     """Migrating the schema failed."""
+
+
+class CitusSignedContextError(MigrationError):
+    """The signed tenant context (the default) is not supported on Citus: nothing was changed.
+
+    The readers that verify the token cannot do so on a Citus worker as they do on PostgreSQL
+    (see docs/citus.md, "The signed tenant context on Citus"). ``rtv-db migrate`` refuses rather
+    than distributing a database whose every tenant query would fail or see no rows. Running
+    Citus needs ``RTV_DB_CONTEXT_MODE=unsigned``, which reopens the forged-context hole of
+    docs/signed-context.md; ``rtv-db verify`` reports it.
+    """
 
 
 class TenantError(RtvDbError):

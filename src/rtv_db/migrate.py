@@ -112,6 +112,12 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
         with connection as conn, conn.begin():
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             before = _revision(conn)
+            on_citus = action == "upgrade" and citus.is_citus(conn)
+            if on_citus:
+                # Before anything changes: signed mode (the default) is refused on Citus.
+                from .signing import context_mode
+
+                citus.refuse_signed_context(context_mode())
             if action == "upgrade":
                 _bootstrap(conn, settings)
             conn.exec_driver_sql(f'SET LOCAL ROLE "{settings.owner_role}"')
@@ -131,7 +137,7 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
             # definitions to the workers, and a failure here leaves a migrated schema that the
             # next run distributes (every step is skipped when already done).
             with engine.begin() as conn:
-                if citus.is_citus(conn):
+                if on_citus:
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                     actions = citus.distribute(conn, runtime_role=settings.runtime_role)
     except SQLAlchemyError as exc:
