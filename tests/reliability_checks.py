@@ -46,17 +46,21 @@ class PooledConnectionState:
 def pooled_connection_states(db: Database) -> list[PooledConnectionState]:
     """The context settings of every idle connection in ``db``'s pool, each checked out once.
 
-    All idle connections are held at the same time, so each is a different backend. No tenant
-    context is current while this runs, so the transaction it opens sets none.
+    All idle connections are held at the same time, so each is a different backend. The query
+    goes through the raw DBAPI connection, past the engine's ``begin`` hook: what it reads is the
+    session's own value, not one a new transaction would set or clear.
     """
     assert current_tenant_context() is None, "run the pool check outside any tenant context"
     columns = ", ".join(f"current_setting('{name}', true)" for name in CONTEXT_SETTINGS)
     states = []
     with ExitStack() as stack:
         for _ in range(db.engine.pool.checkedin()):  # type: ignore[attr-defined]
-            conn = stack.enter_context(db.engine.connect())
-            pid, *values = conn.execute(text(f"SELECT pg_backend_pid(), {columns}")).one()
-            conn.rollback()
+            raw = db.engine.raw_connection()
+            stack.callback(raw.close)  # back to the pool, after all are held
+            cur = raw.cursor()
+            cur.execute(f"SELECT pg_backend_pid(), {columns}")
+            pid, *values = cur.fetchone()
+            raw.rollback()
             states.append(PooledConnectionState(pid, dict(zip(CONTEXT_SETTINGS, values))))
     assert len({s.backend_pid for s in states}) == len(states), "a pooled connection was counted twice"
     return states
@@ -149,7 +153,7 @@ def audit_trail_mismatches(system: SystemScope) -> list[str] | None:
             trail = {(c, r) for c, r, action in last if not action.startswith("d")}
             trail_ids = {r for _, r in trail}
             live_ids = {r for _, r in live}
-            if not trail_ids <= live_ids | set():
+            if not trail_ids <= live_ids:
                 problems.append(f"{table}: audit trail shows rows that do not exist: {sorted(map(str, trail_ids - live_ids))[:5]}")
             wrong_tenant = {r for c, r in trail if (c, r) not in live and r in live_ids}
             if wrong_tenant:
