@@ -7,17 +7,34 @@ is the wall behind it: the predicate is an optimisation and a second check, not 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Delete, Insert, Select, Table, Update, delete, insert, select, update
+from sqlalchemy import JSON, ColumnElement, Delete, Insert, Select, Table, Update, delete, insert, select, update
 from sqlalchemy.orm import DeclarativeBase
 
 from ..errors import CrossTenantWriteError, InvalidInputError, UnscopedWriteError
 from .context import TenantContext
 
-__all__ = ["TableLike", "resolve_table", "tenant_column", "build_select", "build_insert", "build_update", "build_delete"]
+__all__ = [
+    "TableLike",
+    "MAX_VALUE_BYTES",
+    "MAX_JSON_DEPTH",
+    "resolve_table",
+    "tenant_column",
+    "build_select",
+    "build_insert",
+    "build_update",
+    "build_delete",
+]
+
+# Limits on one value written through the scoped API. PostgreSQL takes up to 1 GB (255 MB for
+# jsonb); nothing in rtv-db's schema needs more than a fraction of a megabyte, and a huge value
+# is far more likely a bug or an attack (memory, WAL, replication lag) than data.
+MAX_VALUE_BYTES = 1024 * 1024  # per text or JSON value, UTF-8 encoded (JSON: as serialised)
+MAX_JSON_DEPTH = 64  # nesting of JSON objects and arrays
 
 TableLike = Table | type[DeclarativeBase]
 
@@ -67,6 +84,59 @@ def _check_columns(table: Table, values: Mapping[str, Any]) -> None:
         raise InvalidInputError(f"{table.name} has no column(s) {', '.join(map(str, unknown))}")
 
 
+def _check_text(where: str, value: str) -> None:
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL, nor jsonb the \u0000 escape: refuse it here, typed.
+        raise InvalidInputError(f"{where} contains a NUL character (\\x00), which PostgreSQL cannot store")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{where} is not valid Unicode (a lone surrogate); it cannot be stored as UTF-8") from None
+    if size > MAX_VALUE_BYTES:
+        raise InvalidInputError(f"{where} is {size} bytes; the limit is {MAX_VALUE_BYTES} bytes per value")
+
+
+def _check_json(where: str, value: Any) -> None:
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:  # iterative: a deeply nested value must not exhaust Python's stack either
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(where, item)
+        elif isinstance(item, Mapping) or isinstance(item, (list, tuple)):
+            if depth >= MAX_JSON_DEPTH:
+                raise InvalidInputError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if isinstance(key, str):
+                        _check_text(where, key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # a set, a datetime, NaN: not JSON that PostgreSQL accepts
+        raise InvalidInputError(f"{where} is not JSON: {exc}") from None
+    size = len(encoded.encode("utf-8"))
+    if size > MAX_VALUE_BYTES:
+        raise InvalidInputError(f"{where} is {size} bytes as JSON; the limit is {MAX_VALUE_BYTES} bytes per value")
+
+
+def check_values(table: Table, values: Mapping[str, Any]) -> None:
+    """:class:`InvalidInputError` for a value PostgreSQL would refuse or that exceeds the limits."""
+    for key, value in values.items():
+        where = f"{table.name}.{key}"
+        if value is None:
+            continue
+        if isinstance(table.c[key].type, JSON):
+            _check_json(where, value)
+        elif isinstance(value, str):
+            _check_text(where, value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, str):
+                    _check_text(where, item)
+
+
 def _same_id(given: Any, expected: uuid.UUID) -> bool:
     try:
         return uuid.UUID(str(given)) == expected
@@ -77,6 +147,7 @@ def _same_id(given: Any, expected: uuid.UUID) -> bool:
 def stamp(table: Table, ctx: TenantContext, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with the context's tenant (and account and lane) filled in; refuse contradictions."""
     _check_columns(table, values)
+    check_values(table, values)
     row = dict(values)
     tenant_col = tenant_column_name(table)
     assert tenant_col is not None
@@ -108,7 +179,14 @@ def build_select(table: Table, ctx: TenantContext, where: Sequence[ColumnElement
 
 
 def build_insert(table: Table, ctx: TenantContext, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> tuple[Insert, list[dict[str, Any]]]:
-    rows = [values] if isinstance(values, Mapping) else list(values)
+    if isinstance(values, Mapping):
+        rows = [values]
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes, bytearray)):
+        rows = list(values)
+    else:
+        raise InvalidInputError(
+            f"values for {table.name} must be a mapping or a list of mappings, not {type(values).__name__}"
+        )
     if not rows:
         raise InvalidInputError(f"nothing to insert into {table.name}")
     if table.name == "clients":
@@ -122,6 +200,7 @@ def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], wh
     _check_columns(table, values)
     if not values:
         raise InvalidInputError(f"nothing to update in {table.name}")
+    check_values(table, values)
     for col in _CONTEXT_COLUMNS + ("id",):
         if col in values and col in table.c:
             raise CrossTenantWriteError(f"scoped_update may not change {table.name}.{col}")
