@@ -25,6 +25,7 @@ from typing import Any, Final
 
 import psycopg
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import await_
 
 from ..errors import ConfigurationError, TenantContextRefusedError
@@ -201,9 +202,23 @@ def _on_begin(conn: Connection) -> None:
             _set_sync(driver, sql, params)  # type: ignore[arg-type]
     except psycopg.errors.InvalidAuthorizationSpecification as exc:
         raise TenantContextRefusedError(str(exc).splitlines()[0]) from exc
+    except psycopg.Error as exc:
+        # Sent on the driver, outside SQLAlchemy's execute: translate the error as SQLAlchemy would
+        # (sqlalchemy.exc.OperationalError, ...) and invalidate a lost connection, so that the
+        # caller sees the usual types and the pool drops the dead backend at once.
+        lost = conn.dialect.is_disconnect(exc, driver, None)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, params, exc, psycopg.Error, connection_invalidated=lost, dialect=conn.dialect
+        ) from exc
 
 
 def _on_end(conn: Connection) -> None:
+    if conn.invalidated:
+        # The backend is gone (killed, restarted, timed out) and its info with it. Touching
+        # conn.info here would raise PendingRollbackError, abort the rollback, and hide the real error.
+        return
     conn.info.pop("rtv_tenant_context", None)
 
 
