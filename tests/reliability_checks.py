@@ -18,8 +18,10 @@ from rtv_db import Database, SystemScope, with_tenant_scope
 from rtv_db.schema import tenant_tables
 from rtv_db.tenant import current_tenant_context
 
-# The settings rtv.set_tenant_context writes with SET LOCAL; none may outlive a transaction.
+# The settings the context setters write with SET LOCAL; none may outlive a transaction.
 CONTEXT_SETTINGS = (
+    "app.tenant_token",
+    "app.tenant_token_xact",
     "app.current_tenant_id",
     "app.current_platform_account_id",
     "app.current_lane",
@@ -123,41 +125,28 @@ def table_counts(system: SystemScope) -> dict[str, int]:
 
 
 def audit_trail_mismatches(system: SystemScope) -> list[str] | None:
-    """Differences between the audit trail and the data, or None when there is no audit trail yet.
+    """Differences between the audit trail and the data, or None when there is no audit trail.
 
-    Written against the trail as issue 5 describes it: a table ``audit_events`` whose rows name
-    ``client_id``, the ``table_name``, the ``row_id`` and the ``action`` (insert/update/delete).
-    For every audited tenant table, the rows that exist are exactly the rows whose last audit
-    event is not a delete, and every event belongs to the tenant of its row.
+    For every tenant table: the rows that exist are exactly the rows whose latest audit event is
+    not a DELETE, and each of those events names the row's own tenant. A write that was rolled
+    back leaves neither row nor event; a committed one leaves both.
     """
     with system.transaction() as conn:
         if conn.execute(text("SELECT to_regclass('public.audit_events')")).scalar() is None:
             return None
-        columns = set(conn.execute(text(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'audit_events'"
-        )).scalars())
-        needed = {"client_id", "table_name", "row_id", "action"}
-        if not needed <= columns:
-            return [f"audit_events lacks the columns {sorted(needed - columns)}; update this check"]
-        order = "id" if "id" in columns else "1"
         problems = []
-        audited = conn.execute(text("SELECT DISTINCT table_name FROM audit_events")).scalars().all()
-        for table in audited:
-            if table not in TENANT_TABLES or table == "clients":
-                continue
-            live = set(conn.execute(text(f"SELECT client_id, id FROM {table}")).tuples())
-            last = conn.execute(text(
-                f"SELECT DISTINCT ON (row_id) client_id, row_id, lower(action) FROM audit_events "
-                f"WHERE table_name = :t ORDER BY row_id, {order} DESC"
+        for table in TENANT_TABLES:
+            owner = "id" if table == "clients" else "client_id"
+            live = {tuple(row) for row in conn.execute(text(f"SELECT {owner}, id FROM {table}"))}
+            latest = conn.execute(text(
+                "SELECT DISTINCT ON (row_id) client_id, row_id, action FROM audit_events WHERE table_name = :t "
+                "ORDER BY row_id, occurred_at DESC, CASE action WHEN 'DELETE' THEN 0 WHEN 'UPDATE' THEN 1 ELSE 2 END"
             ), {"t": table}).all()
-            trail = {(c, r) for c, r, action in last if not action.startswith("d")}
-            trail_ids = {r for _, r in trail}
-            live_ids = {r for _, r in live}
-            if not trail_ids <= live_ids:
-                problems.append(f"{table}: audit trail shows rows that do not exist: {sorted(map(str, trail_ids - live_ids))[:5]}")
-            wrong_tenant = {r for c, r in trail if (c, r) not in live and r in live_ids}
-            if wrong_tenant:
-                problems.append(f"{table}: audit events name the wrong tenant for {sorted(map(str, wrong_tenant))[:5]}")
+            trail = {(c, r) for c, r, action in latest if action != "DELETE"}
+            if live - trail:
+                problems.append(f"{table}: {len(live - trail)} row(s) without a matching audit trail, e.g. {sorted(live - trail)[:2]}")
+            if trail - live:
+                problems.append(f"{table}: audit trail shows {len(trail - live)} row(s) that do not exist, e.g. {sorted(trail - live)[:2]}")
         return problems
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from rtv_db import (
 )
 from rtv_db.config import to_libpq_url
 from rtv_db.schema import brand_kits, clients, knowledge_bases, knowledge_chunks, platform_accounts, platform_actions
+from rtv_db.signing import load_keys, mint_token
 from rtv_db.tenant._statements import MAX_JSON_DEPTH, MAX_VALUE_BYTES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
@@ -102,11 +104,16 @@ def _nested(depth: int) -> dict[str, Any]:
     return value
 
 
-def _raw_set_context(w: World, *args: Any) -> None:
-    """Call the SQL function directly, as the runtime role, bypassing Python's validation."""
+def _raw_sql(w: World, statement: str, *args: Any) -> None:
+    """Run ``statement`` on a raw runtime-role connection, bypassing Python's validation."""
     with psycopg.connect(to_libpq_url(w.runtime_url)) as conn:
-        placeholders = ", ".join(["%s"] * len(args))
-        conn.execute(f"SELECT rtv.set_tenant_context({placeholders})", args)
+        conn.execute(statement, args)
+
+
+def _token(tenant: uuid.UUID, *, pid: int = 1, expired: bool = False) -> str:
+    """A token signed with the run's key, for backend ``pid`` (not the one _raw_sql will open)."""
+    return mint_token(load_keys()[-1], tenant_id=tenant, platform_account_id=None, lane="api",
+                      backend_pid=pid, expires_at=int(time.time()) + (-10 if expired else 300), correlation_id="c")
 
 
 @dataclass(frozen=True)
@@ -260,12 +267,22 @@ CASES: list[Case] = [
     Case("table-name-string", lambda w: w.scope().scoped_query("brand_kits"), IIE, "expected a table"),
     Case("table-not-tenant", lambda w: w.scope().scoped_query(Table("t", MetaData(), Column("id"))), IIE, "not a tenant table"),
     Case("get-id-not-uuid", lambda w: w.scope().scoped_get(brand_kits, "1 OR 1=1"), ICE, "id is not a UUID"),
-    # The SQL function itself, called directly with what Python would have refused.
-    Case("sql-context-null-tenant", lambda w: _raw_set_context(w, None), psycopg.errors.NullValueNotAllowed, "tenant_id is required"),
-    Case("sql-context-bad-lane", lambda w: _raw_set_context(w, str(w.a), None, "admin"), psycopg.errors.InvalidParameterValue,
-         "lane must be api or browser"),
-    Case("sql-context-not-uuid", lambda w: _raw_set_context(w, "not-a-uuid"), psycopg.errors.InvalidTextRepresentation,
-         "invalid input syntax for type uuid"),
+    # The SQL setters themselves, called directly as the runtime role with what Python would refuse.
+    Case("sql-plain-setter", lambda w: _raw_sql(w, "SELECT rtv.set_tenant_context(%s)", str(w.a)),
+         psycopg.errors.InsufficientPrivilege, "must be signed"),
+    Case("sql-token-garbage", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, NULL)", "not-a-token"),
+         psycopg.errors.InvalidAuthorizationSpecification, "refused"),
+    Case("sql-token-null", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, NULL)", None),
+         psycopg.errors.NullValueNotAllowed, "a token is required"),
+    Case("sql-token-sqli", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, NULL)", "v1.k.' OR '1'='1"),
+         psycopg.errors.InvalidAuthorizationSpecification, "refused"),
+    Case("sql-token-other-backend", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", _token(w.a, pid=1)),
+         psycopg.errors.InvalidAuthorizationSpecification, "another backend"),
+    Case("sql-token-expired", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", _token(w.a, expired=True)),
+         psycopg.errors.InvalidAuthorizationSpecification, "expired"),
+    Case("sql-token-tampered-tenant",
+         lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", _token(w.a).replace(str(w.a), str(w.b))),
+         psycopg.errors.InvalidAuthorizationSpecification, "bad signature"),
 ]
 
 

@@ -199,7 +199,8 @@ def test_backend_killed_without_pre_ping(target, system, five, admin_conn) -> No
         with pytest.raises(sqlalchemy.exc.OperationalError) as info:
             scope.scoped_insert(knowledge_bases, {"name": "never"})
         assert info.value.connection_invalidated
-        assert "rtv.set_tenant_context" in str(info.value)
+        assert "rtv.set_signed_context" in str(info.value)
+        assert "v1." not in str(info.value)  # the token is not repeated in the error
         check_after_fault(db, system, five, before)
     finally:
         db.close()
@@ -443,6 +444,19 @@ def test_audit_check_runs_when_the_trail_exists(system) -> None:
     if problems is None:
         pytest.skip("no audit_events table yet: the audit-trail checks are skipped")
     assert problems == []
+
+
+def test_audit_check_can_fail(system, five) -> None:
+    """A row written without an audit event (the system role's bulk-load switch) is reported."""
+    from reliability_checks import audit_trail_mismatches
+
+    if audit_trail_mismatches(system) is None:
+        pytest.skip("no audit_events table yet")
+    with system.transaction() as conn:
+        conn.execute(text("SET LOCAL rtv.audit_bulk_load = 'on'"))
+        conn.execute(knowledge_bases.insert().values(client_id=five[0], name="unaudited"))
+    problems = audit_trail_mismatches(system)
+    assert problems and "knowledge_bases" in problems[0]
 
 
 def test_libpq_url_is_the_runtime_role(target) -> None:

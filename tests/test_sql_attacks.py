@@ -5,18 +5,23 @@ injection, a compromised dependency): they connect as ``rtv_app``, the role the 
 uses. Raw psycopg connections are used so that nothing of the scoped API stands in the way;
 the only walls are PostgreSQL's: the role's privileges and Row-Level Security.
 
-One attack works today and is recorded as a strict xfail: setting the context to another
-tenant's id (``set_config`` / ``SET``). Issue 8 (a signed context) closes it; the tests then
-pass and the xfail marker must go.
+Setting the context to another tenant's id (``set_config`` / ``SET LOCAL`` / the plain setter /
+a session-level ``SET``) worked until issue 8: the policies trusted bare settings. With the signed
+context (the default) it shows nothing; the tests below prove it, in signed mode.
+
+The application's own, legitimate context is set here as rtv-db sets it: a token minted with the
+run's key for this connection's backend (``_set_context``). What the attacker adds comes after.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+import sqlalchemy.exc
 from psycopg import sql
 
 from conftest import make_tenants
@@ -24,10 +29,10 @@ from reliability_checks import TENANT_TABLES, assert_no_context_left, table_coun
 from rtv_db import Database, with_tenant_scope
 from rtv_db.config import to_libpq_url
 from rtv_db.schema import brand_kits, platform_accounts, platform_actions
+from rtv_db.signing import load_keys, mint_token
 
 # Tables the runtime role may write: everything but clients (a tenant may only rename itself).
 WRITABLE = tuple(t for t in TENANT_TABLES if t != "clients")
-SIGNED_CONTEXT = "closed by issue 8 (signed context)"
 
 
 def _owner_column(table: str) -> str:
@@ -66,7 +71,10 @@ def runtime(target) -> Iterator[psycopg.Connection]:
 
 
 def _set_context(conn: psycopg.Connection, tenant: uuid.UUID, account: uuid.UUID | None = None) -> None:
-    conn.execute("SELECT rtv.set_tenant_context(%s, %s, 'api')", (tenant, account))
+    """The application's context for ``tenant``, as rtv-db sets it (a signed token for this backend)."""
+    token = mint_token(load_keys()[-1], tenant_id=tenant, platform_account_id=account, lane="api",
+                       backend_pid=conn.info.backend_pid, expires_at=int(time.time()) + 300, correlation_id="corr-1")
+    conn.execute("SELECT rtv.set_signed_context(%s, NULL, 'corr-1')", (token,))
 
 
 def _refused(conn: psycopg.Connection, statement: str | sql.Composable, error: type[Exception], params=None) -> str:
@@ -223,7 +231,12 @@ def test_error_side_channel_is_closed(runtime, world, table) -> None:
 # -- reading other sessions' context -------------------------------------------------------------
 
 def test_pg_stat_activity_does_not_show_the_context(db, runtime, world) -> None:
-    """The context travels as bind parameters: another session sees ``$1``, never the tenant id."""
+    """The context travels as bind parameters: another session sees ``$1``, never the tenant id or token.
+
+    (Same-role sessions can read each other's query text in pg_stat_activity; other roles see
+    ``<insufficient privilege>``. The server log shows parameters only if ``log_parameter_max_length``
+    and statement logging are configured to; they are not here.)
+    """
     tenants, accounts = world
     scope = with_tenant_scope(db, tenants.a, user_id="user-42")
 
@@ -235,13 +248,13 @@ def test_pg_stat_activity_does_not_show_the_context(db, runtime, world) -> None:
         return [r[0] for r in rows]
 
     with scope.scoped_transaction() as tx:
-        just_set = others()  # the last statement of the scope's session: rtv.set_tenant_context($1, ...)
+        just_set = others()  # the last statement of the scope's session: rtv.set_signed_context($1, ...)
         tx.scoped_query(brand_kits)
         after_query = others()
     texts = just_set + after_query
-    assert any("rtv.set_tenant_context($1" in q for q in just_set), just_set
+    assert any("rtv.set_signed_context($1" in q for q in just_set), just_set
     assert any("brand_kits" in q for q in after_query), after_query
-    secrets = (str(tenants.a), tenants.a.hex, "user-42", scope.context.correlation_id)
+    secrets = (str(tenants.a), tenants.a.hex, "user-42", scope.context.correlation_id, "v1.")
     assert not [q for q in texts if any(s in q for s in secrets)]
     # The other session's settings are not readable either: pg_settings is this session's own.
     assert runtime.execute("SELECT current_setting('app.current_tenant_id', true)").fetchone()[0] in ("", None)
@@ -250,10 +263,12 @@ def test_pg_stat_activity_does_not_show_the_context(db, runtime, world) -> None:
 
 # -- setting someone else's context --------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=SIGNED_CONTEXT)
-@pytest.mark.parametrize("how", ["set_config", "set_local", "set_tenant_context"])
+@pytest.mark.parametrize("how", ["set_config", "set_local", "set_tenant_context", "session_set"])
 def test_cannot_switch_to_another_tenants_context(db, world, how) -> None:
-    """Inside tenant A's transaction, injected SQL names tenant B. Today this works (the hole)."""
+    """Inside tenant A's transaction, injected SQL names tenant B: it sees none of B's rows.
+
+    This worked before issue 8 (the policies trusted the bare settings); the signed context closed it.
+    """
     tenants, accounts = world
     with with_tenant_scope(db, tenants.a).scoped_transaction() as tx:
         conn = tx.connection
@@ -262,18 +277,22 @@ def test_cannot_switch_to_another_tenants_context(db, world, how) -> None:
             conn.execute(sql_text("SELECT set_config('app.current_tenant_id', :b, true)"), {"b": b})
         elif how == "set_local":
             conn.exec_driver_sql(f"SET LOCAL app.current_tenant_id = '{b}'")
-        else:
-            conn.execute(sql_text("SELECT rtv.set_tenant_context(CAST(:b AS uuid))"), {"b": b})
+        elif how == "session_set":
+            conn.exec_driver_sql(f"SET app.current_tenant_id = '{b}'")
+        else:  # the plain setter is switched off in signed mode: it refuses outright
+            with pytest.raises(sqlalchemy.exc.ProgrammingError, match="must be signed"):
+                with conn.begin_nested():
+                    conn.execute(sql_text("SELECT rtv.set_tenant_context(CAST(:b AS uuid))"), {"b": b})
         stolen = conn.execute(sql_text("SELECT count(*) FROM brand_kits WHERE client_id = :b"), {"b": tenants.b}).scalar_one()
-    assert stolen == 0
+        written = conn.execute(sql_text("UPDATE brand_kits SET name = 'pwned' WHERE client_id = :b"), {"b": tenants.b}).rowcount
+    assert (stolen, written) == (0, 0)
 
 
 def test_session_level_set_does_not_reach_a_later_transaction(db, world) -> None:
     """A session-level ``SET`` injected in one request must not reach a later one on the same connection.
 
-    The value does stay on the pooled backend after checkin (the pool only rolls back), so every
-    transaction the engine begins without a context clears the settings first (a fix made for
-    this test: before it, such a transaction read tenant B's rows instead of none).
+    The value does stay on the pooled backend after checkin (the pool only rolls back); it is
+    harmless because the policies trust only a token set in the current transaction.
     """
     tenants, _ = world
     with db.engine.connect() as conn:
@@ -282,7 +301,7 @@ def test_session_level_set_does_not_reach_a_later_transaction(db, world) -> None
         conn.commit()
     with db.engine.connect() as conn:  # the same pooled backend (the pool holds one idle connection)
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() == pid
-        assert conn.exec_driver_sql("SELECT current_setting('app.current_tenant_id')").scalar_one() == ""
+        assert conn.exec_driver_sql("SELECT rtv.current_tenant_id()").scalar_one() is None
         leaked = {t: conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one() for t in TENANT_TABLES}
     assert set(leaked.values()) == {0}, leaked
 
@@ -297,24 +316,29 @@ def test_scoped_transactions_override_an_injected_session_setting(db, world) -> 
     assert {r.client_id for r in rows} == {tenants.a}
 
 
-def test_set_tenant_context_lasts_one_transaction(runtime, world) -> None:
+def test_the_context_lasts_one_transaction(runtime, world) -> None:
     tenants, accounts = world
-    runtime.execute("SELECT rtv.set_tenant_context(%s)", (tenants.a,))
+    _set_context(runtime, tenants.a)
     assert runtime.execute("SELECT count(*) FROM brand_kits").fetchone()[0] == 1
     runtime.commit()
     assert runtime.execute("SELECT count(*) FROM brand_kits").fetchone()[0] == 0
     runtime.rollback()
     # In autocommit each statement is its own transaction: the context is gone at once.
     runtime.autocommit = True
-    runtime.execute("SELECT rtv.set_tenant_context(%s)", (tenants.a,))
+    _set_context(runtime, tenants.a)
     assert runtime.execute("SELECT count(*) FROM brand_kits").fetchone()[0] == 0
-    assert runtime.execute("SELECT current_setting('app.current_tenant_id', true)").fetchone()[0] in ("", None)
+    assert runtime.execute("SELECT current_setting('app.tenant_token', true)").fetchone()[0] in ("", None)
+    # The plain setter is no way around it: in signed mode its settings count for nothing.
+    runtime.autocommit = False
+    _refused(runtime, sql.SQL("SELECT rtv.set_tenant_context({})").format(sql.Literal(str(tenants.a))),
+             psycopg.errors.InsufficientPrivilege)
 
 
 @pytest.mark.parametrize("value", ["not-a-uuid", "' OR true --", "", "00000000-0000-0000-0000-000000000000' OR '1'='1"])
 def test_garbage_in_the_setting_reads_as_no_tenant(runtime, world, value) -> None:
     """A malformed setting is NULL to the policies (zero rows), never a cast error or a wildcard."""
-    runtime.execute("SELECT set_config('app.current_tenant_id', %s, true)", (value,))
+    runtime.execute("SELECT set_config('app.current_tenant_id', %s, true), set_config('app.tenant_token', %s, true)",
+                    (value, value))
     for table in TENANT_TABLES:
         assert runtime.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
     runtime.rollback()

@@ -209,8 +209,8 @@ def _on_begin(conn: Connection) -> None:
         lost = conn.dialect.is_disconnect(exc, driver, None)
         if lost:
             conn.invalidate(exc)
-        raise DBAPIError.instance(
-            sql, params, exc, psycopg.Error, connection_invalidated=lost, dialect=conn.dialect
+        raise DBAPIError.instance(  # hide_parameters: the token does not belong in error messages or logs
+            sql, params, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
         ) from exc
 
 
