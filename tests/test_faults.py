@@ -179,6 +179,7 @@ def test_backend_killed_while_idle_in_the_pool(db, system, five, admin_conn) -> 
     assert len(pids) >= 3
     for pid in pids:
         _terminate(admin_conn, pid)
+    print(f"\nidle pool: {len(pids)} idle backends killed")
     check_after_fault(db, system, five, before)
 
 
@@ -247,6 +248,8 @@ def test_backend_killed_under_concurrent_load(db, system, five, admin_conn) -> N
         t.join()
     assert unexpected == []
     assert kills >= 3 and sum(failed.values()) >= 1
+    print(f"\nconcurrent kills: {kills} backends killed, {sum(failed.values())} transactions failed, "
+          f"{sum(committed.values()) // 2} committed")
     # Exactly the committed pairs exist: no half pair from a killed transaction.
     assert rows_by_tenant(system, "knowledge_bases") == +committed
     check_after_fault(db, system, five)
@@ -320,6 +323,8 @@ def test_server_restarted_while_the_pool_is_in_use(own_server) -> None:
     unexpected = {k: v for k, v in outcome.items() if v.startswith("unexpected")}
     assert not unexpected, list(unexpected.values())[:3]
     assert "failed" in outcome.values(), "the restart did not interrupt anything: the test proves nothing"
+    print(f"\nserver restart: {list(outcome.values()).count('committed')} committed, "
+          f"{list(outcome.values()).count('failed')} failed during the restart")
     # No partial write: every tag has both rows or none, and every committed tag has both.
     with system.transaction() as conn:
         names = [r[0] for r in conn.execute(text("SELECT name FROM knowledge_bases"))]
@@ -382,6 +387,7 @@ def test_pool_contention_from_threads(target, system, five) -> None:
         for t in threads:
             t.join()
         assert sum(timeouts.values()) >= 1
+        print(f"\npool contention: {sum(timeouts.values())} pool timeouts, {sum(committed.values())} committed")
         assert rows_by_tenant(system, "knowledge_bases") == +committed
         check_after_fault(db, system, five)
     finally:

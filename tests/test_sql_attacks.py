@@ -390,3 +390,20 @@ def test_every_attack_left_the_pool_clean(db, world) -> None:
         with_tenant_scope(db, tenant).scoped_query(brand_kits)
     assert isinstance(db, Database)
     assert_no_context_left(db)
+
+
+def test_statistics_views_show_no_values_of_rls_tables(runtime, world, admin_conn) -> None:
+    """pg_stats would list most-common values of every column across tenants; it hides RLS tables.
+
+    (pg_statistic itself is readable by superusers only.) Totals (pg_class.reltuples,
+    pg_stat_user_tables) stay visible: counts across tenants, never values.
+    """
+    tenants, accounts = world
+    admin_conn.execute("ANALYZE")
+    assert admin_conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'brand_kits'").fetchone()[0] > 0
+    _set_context(runtime, tenants.a, accounts[tenants.a])
+    for view in ("pg_stats", "pg_stats_ext", "pg_stats_ext_exprs"):
+        rows = runtime.execute(f"SELECT count(*) FROM {view} WHERE tablename = ANY(%s)", (list(TENANT_TABLES),)).fetchone()[0]
+        assert rows == 0, view
+    runtime.rollback()
+    _refused(runtime, "SELECT * FROM pg_statistic LIMIT 1", psycopg.errors.InsufficientPrivilege)
