@@ -1,8 +1,9 @@
 """Carrying the tenant context into each database transaction.
 
-A listener on the engine's ``begin`` event sets the context as the first statement of every
-transaction. It is sent in psycopg's pipeline mode together with the ``BEGIN`` psycopg issues
-implicitly, so the two cost one network round trip, not two. The setter uses ``SET LOCAL``: the
+A listener on the engine's ``begin`` event starts every transaction: it sends ``BEGIN`` and the
+context-setting call together in psycopg's pipeline mode, so the two cost one network round
+trip, as ``BEGIN`` alone would. (The driver runs in autocommit so that rtv-db, not psycopg,
+sends ``BEGIN``; psycopg's ``commit()`` and ``rollback()`` act on the server's transaction state.) The setter uses ``SET LOCAL``: the
 context ends with the transaction, and a pooled connection never carries it to the next checkout.
 
 In signed mode (the default) the listener mints a token for this connection's backend pid
@@ -178,28 +179,52 @@ def _context_for(conn: Connection) -> TenantContext | None:
     return current_tenant_context()
 
 
-def _set_sync(driver: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> None:
+def _begin_sql(driver: Any) -> str:
+    """``BEGIN`` with the isolation level and access mode the driver is configured for."""
+    parts = ["BEGIN"]
+    if driver.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + psycopg.IsolationLevel(driver.isolation_level).name.replace("_", " "))
+    if driver.read_only is not None:
+        parts.append("READ ONLY" if driver.read_only else "READ WRITE")
+    return " ".join(parts)
+
+
+def _statements_for(conn: Connection, driver: Any) -> list[tuple[str, tuple[Any, ...] | None]]:
+    """What starts this transaction: our own BEGIN (when the driver leaves it to us) and the context."""
+    statements: list[tuple[str, tuple[Any, ...] | None]] = []
+    if driver.autocommit:
+        # rtv-db's engines run the driver in autocommit and send BEGIN themselves, pipelined with
+        # the context: one round trip. (In psycopg's own transaction mode, its implicit BEGIN is
+        # synced before anything pipelined after it: two round trips.)
+        statements.append((_begin_sql(driver), None))
+    ctx = _context_for(conn)
+    if ctx is not None:
+        statements.append(context_statement(conn, ctx))
+    return statements
+
+
+def _send_sync(driver: psycopg.Connection[Any], statements: list[tuple[str, tuple[Any, ...] | None]]) -> None:
     with driver.pipeline():
-        driver.execute(sql, params)  # type: ignore[arg-type]
+        for sql, params in statements:
+            driver.execute(sql, params)  # type: ignore[arg-type]
 
 
-async def _set_async(driver: psycopg.AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> None:
+async def _send_async(driver: psycopg.AsyncConnection[Any], statements: list[tuple[str, tuple[Any, ...] | None]]) -> None:
     async with driver.pipeline():
-        await driver.execute(sql, params)  # type: ignore[arg-type]
+        for sql, params in statements:
+            await driver.execute(sql, params)  # type: ignore[arg-type]
 
 
 def _on_begin(conn: Connection) -> None:
-    ctx = _context_for(conn)
-    conn.info["rtv_tenant_context"] = ctx
-    if ctx is None:
-        return
     driver = conn.connection.driver_connection
-    sql, params = context_statement(conn, ctx)
+    statements = _statements_for(conn, driver)
+    if not statements:
+        return
     try:
         if isinstance(driver, psycopg.AsyncConnection):
-            await_(_set_async(driver, sql, params))
+            await_(_send_async(driver, statements))
         else:
-            _set_sync(driver, sql, params)  # type: ignore[arg-type]
+            _send_sync(driver, statements)  # type: ignore[arg-type]
     except psycopg.errors.InvalidAuthorizationSpecification as exc:
         raise TenantContextRefusedError(str(exc).splitlines()[0]) from exc
     except psycopg.Error as exc:
@@ -209,23 +234,21 @@ def _on_begin(conn: Connection) -> None:
         lost = conn.dialect.is_disconnect(exc, driver, None)
         if lost:
             conn.invalidate(exc)
+        sql, params = statements[-1]
         raise DBAPIError.instance(  # hide_parameters: the token does not belong in error messages or logs
             sql, params, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
         ) from exc
 
 
-def _on_end(conn: Connection) -> None:
-    if conn.invalidated:
-        # The backend is gone (killed, restarted, timed out) and its info with it. Touching
-        # conn.info here would raise PendingRollbackError, abort the rollback, and hide the real error.
-        return
-    conn.info.pop("rtv_tenant_context", None)
+def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+    """Leave transaction starts to :func:`_on_begin` (psycopg's commit and rollback still act on
+    the server's transaction state, so COMMIT and ROLLBACK are sent as before)."""
+    dbapi_connection.autocommit = True
 
 
 def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     """Make every transaction on ``engine`` start with the current tenant context."""
     _SETTERS[_root(engine)] = ContextSetter(context_key)
     event.listen(engine, "connect", _remember_backend_pid)
+    event.listen(engine, "connect", _driver_autocommit)
     event.listen(engine, "begin", _on_begin)
-    event.listen(engine, "commit", _on_end)
-    event.listen(engine, "rollback", _on_end)
