@@ -14,11 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from rtv_db import TenantContext
 from rtv_db.config import to_libpq_url
-from rtv_db.tenant._transaction import context_params, context_sql
 
-from .variants import COLUMNS, Op
+from .variants import COLUMNS, Op, context_statement
 
 __all__ = ["Plan", "collect_plans", "plans_markdown"]
 
@@ -57,7 +55,7 @@ def _initplan_once(text: str) -> bool:
 def _explain(url: str, query: sql.Composed, tenant: Any | None) -> str:
     with psycopg.connect(to_libpq_url(url)) as conn:
         if tenant is not None:
-            conn.execute(context_sql(), context_params(TenantContext(tenant)))
+            conn.execute(*context_statement(conn, tenant))  # signed: a token for this backend
         rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF, SUMMARY OFF) ") + query).fetchall()
         conn.rollback()
     return "\n".join(r[0] for r in rows)

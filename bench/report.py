@@ -20,14 +20,16 @@ TARGETS = {
 
 _LABELS = {
     "baseline": "baseline: psycopg, system role (BYPASSRLS), literal predicate",
-    "rls_query_only": "psycopg, runtime role, context already in the session (set untimed): RLS + literal predicate, no context statement",
-    "rls_psycopg": "psycopg, runtime role, context set as rtv-db's begin hook does (pipeline), RLS + literal predicate",
-    "psycopg_1rt": "as rls_psycopg, but BEGIN and the context pipelined in ONE round trip (driver autocommit + explicit BEGIN)",
-    "set_config_1rt": "as psycopg_1rt, but the context set with set_config(..., true) instead of the PL/pgSQL function",
+    "rls_query_only": "psycopg, runtime role, unsigned context already in the session (set untimed): RLS + literal predicate, no context statement (a measuring device: a signed token only counts in the transaction that set it)",
+    "rls_psycopg": "psycopg, runtime role, as rtv-db's begin hook: BEGIN + signed context (token minted for the backend) pipelined in one round trip, RLS + literal predicate",
+    "rls_psycopg_unsigned": "as rls_psycopg, unsigned context (rtv.set_tenant_context, the debugging mode)",
+    "set_config_unsigned": "as rls_psycopg_unsigned, but the plain settings set with set_config(..., true) instead of the PL/pgSQL setter",
     "sqlalchemy_core": "plain SQLAlchemy Core, no rtv-db: engine.begin() + select, system role, same pool settings (pre-ping on)",
-    "core": "rtv-db Core: with_tenant_scope(db, t).scoped_get / scoped_query / scoped_insert (pooled, pre-ping on: the default)",
-    "core_no_ping": "rtv-db Core, pool_pre_ping=False",
-    "orm": "rtv-db ORM: tenant_session(db, ctx) + session.get",
+    "core": "rtv-db Core, signed (as shipped): with_tenant_scope(db, t).scoped_get / scoped_query / scoped_insert (pooled, pre-ping on: the default)",
+    "core_unsigned": "rtv-db Core, unsigned context (RTV_DB_CONTEXT_MODE=unsigned)",
+    "core_no_ping": "rtv-db Core, signed, pool_pre_ping=False",
+    "orm": "rtv-db ORM, signed: tenant_session(db, ctx) + session.get",
+    "orm_unsigned": "rtv-db ORM, unsigned context",
 }
 
 
@@ -80,11 +82,14 @@ def markdown(r: dict[str, Any]) -> str:
         + ", ".join(f"{k}={v}" for k, v in sorted(r["server"]["settings"].items())) + ".",
         "",
         "Medians of individually timed operations; variants interleaved round by round in one process "
-        "after a warm-up. Ratio = variant / baseline. The machine is shared with other jobs: expect noise "
+        "after a warm-up. Ratio = variant / baseline. The tenant context is signed (the default) unless a variant says "
+        "`unsigned`; workloads 1-3 run with the database in unsigned mode so that both setters work on the same data "
+        "(a signed token is verified the same way in either mode).  The machine is shared with other jobs: expect noise "
         "of several percent between runs.",
         "",
         f"Load: {r['load']['tenants']} tenants × {r['load']['rows_per_tenant']} rows = {r['load']['total_rows']:,} rows "
-        f"in {r['load']['seconds']} s ({r['load']['rows_per_second']:,} rows/s; audit triggers present: {r['load']['audit_triggers']}).",
+        f"in {r['load']['seconds']} s ({r['load']['rows_per_second']:,} rows/s; audit triggers present: {r['load']['audit_triggers']}"
+        + (", disabled during the load" if r["load"]["audit_triggers"] else "") + ").",
         "",
         "## Targets",
         "",
@@ -94,23 +99,44 @@ def markdown(r: dict[str, Any]) -> str:
     pr, tl = w["point_read"]["latency"], w["tenant_list"]["latency"]
     growth = w["scale"]["growth_smallest_to_largest"]
     rel = relative_growth(w["scale"]["points"])
+    pw, bw = w["point_read"]["wire"], w["point_read"]["wire"]["baseline"]["round_trips_per_op"]
+
+    def _ratio(lat: dict[str, Any], name: str) -> str:
+        return _fmt(lat[name]["ratio"], 3) if name in lat else "-"
+
+    def _per(lat: dict[str, Any], a: str, b: str) -> str:
+        return f"{lat[a]['median_us'] / lat[b]['median_us']:.3f}" if a in lat and b in lat else "-"
+
     out += [
-        f"| 1. point read, Core path ≤ 1.15× | {_verdict(pr['core']['ratio'], 1.15)}; plain SQLAlchemy Core without rtv-db: "
-        f"{_fmt(pr['sqlalchemy_core']['ratio'], 3)}; rtv-db Core / plain SQLAlchemy Core: {pr['core']['median_us'] / pr['sqlalchemy_core']['median_us']:.3f} |",
-        f"| 1. the context costs no extra round trip | **{'not met' if w['point_read']['wire']['rls_psycopg']['round_trips_per_op'] > w['point_read']['wire']['baseline']['round_trips_per_op'] else 'met'}** as shipped: the begin hook's context costs "
-        f"{w['point_read']['wire']['rls_psycopg']['round_trips_per_op']:.0f} round trips/op vs {w['point_read']['wire']['baseline']['round_trips_per_op']:.0f} "
-        f"for the baseline (psycopg 3.3 sends its implicit BEGIN and waits for it before the pipelined call); BEGIN + context in one pipeline (`psycopg_1rt`): "
-        f"{w['point_read']['wire']['psycopg_1rt']['round_trips_per_op']:.0f}, ratio {_fmt(pr['psycopg_1rt']['ratio'], 3)}. "
-        f"Core path: {w['point_read']['wire']['core']['round_trips_per_op']:.0f} (+1 for the pool's pre-ping) |",
-        f"| 1. point read, RLS + predicate vs predicate alone (`rls_query_only`, no context statement) | {_fmt(pr['rls_query_only']['ratio'], 3)} |",
-        f"| 2. tenant list, RLS + predicate vs predicate ≤ 1.05×, query alone (`rls_query_only`) | {_verdict(tl['rls_query_only']['ratio'], 1.05)} |",
-        f"| 2. the same per transaction, context included | as shipped (`rls_psycopg`): {_verdict(tl['rls_psycopg']['ratio'], 1.05)}; "
-        f"one round trip (`psycopg_1rt`): {_verdict(tl['psycopg_1rt']['ratio'], 1.05)}; Core path: {_fmt(tl['core']['ratio'], 3)} |",
+        f"| 1. point read, Core path ≤ 1.15× (signed, as shipped) | {_verdict(pr['core']['ratio'], 1.15)}; "
+        f"pool_pre_ping=False: {_verdict(pr.get('core_no_ping', {}).get('ratio'), 1.15)}; "
+        f"plain SQLAlchemy Core without rtv-db: {_ratio(pr, 'sqlalchemy_core')}; rtv-db Core / plain SQLAlchemy Core: {_per(pr, 'core', 'sqlalchemy_core')} |",
+        f"| 1. point read, signing on / off (issue 8) | Core signed {_ratio(pr, 'core')}, unsigned {_ratio(pr, 'core_unsigned')} "
+        f"(signed / unsigned {_per(pr, 'core', 'core_unsigned')}); ORM signed {_ratio(pr, 'orm')}, unsigned {_ratio(pr, 'orm_unsigned')} "
+        f"(signed / unsigned {_per(pr, 'orm', 'orm_unsigned')}); psycopg signed {_ratio(pr, 'rls_psycopg')}, unsigned {_ratio(pr, 'rls_psycopg_unsigned')} |",
+        f"| 1. the context costs no extra round trip | **{'met' if pw['rls_psycopg']['round_trips_per_op'] <= bw else 'not met'}**: "
+        f"BEGIN + signed context pipelined (`rls_psycopg`) {pw['rls_psycopg']['round_trips_per_op']:.0f} round trips/op vs {bw:.0f} for the baseline; "
+        f"rtv-db Core {pw['core']['round_trips_per_op']:.0f} with the pool's pre-ping (+1), "
+        f"{pw['core_no_ping']['round_trips_per_op']:.0f} with pool_pre_ping=False |" if "core_no_ping" in pw else "| 1. round trips | - |",
+        f"| 1. point read, RLS + predicate vs predicate alone (`rls_query_only`, no context statement) | {_ratio(pr, 'rls_query_only')} |",
+        f"| 2. tenant list, RLS + predicate vs predicate ≤ 1.05×, query alone (`rls_query_only`, unsigned) | {_verdict(tl.get('rls_query_only', {}).get('ratio'), 1.05)} |",
+        f"| 2. the same per transaction, context included | signed (`rls_psycopg`): {_verdict(tl['rls_psycopg']['ratio'], 1.05)}; "
+        f"unsigned: {_verdict(tl.get('rls_psycopg_unsigned', {}).get('ratio'), 1.05)}; Core path signed {_ratio(tl, 'core')}, unsigned {_ratio(tl, 'core_unsigned')} |",
     ]
     for key, value in growth.items():
-        if key.endswith(("core", "rls_query_only", "rls_psycopg", "psycopg_1rt")):
+        if key.endswith(("core", "rls_query_only", "rls_psycopg")):
             out.append(f"| 3. scale {r['sizes']['scale_tenants'][0]} → {r['sizes']['scale_tenants'][-1]} tenants, `{key}` ≤ 1.2× | "
                        f"{_verdict(value, 1.2)}; relative to the interleaved baseline: {_verdict(rel.get(key), 1.2)} |")
+    cc = w["concurrency"]["throughput"]
+    out.append("| 5. concurrency, rtv-db Core / baseline throughput | " + "; ".join(
+        f"{mode}: " + ", ".join(f"{row['workers']} workers {_fmt(row['ratio'], 3)}" for row in rows) for mode, rows in cc.items()) + " |")
+    wr = w["writes"]
+    if "audit_cost" in wr:
+        ac = wr["audit_cost"]
+        out.append(f"| 6. scoped insert, with / without the audit trail | Core with audit {_ratio(ac, 'core_audit')}, without {_ratio(ac, 'core_no_audit')} "
+                   f"(vs the baseline insert without audit); the audit trigger adds {_per(ac, 'core_audit', 'core_no_audit')}× to the Core insert |")
+    else:
+        out.append(f"| 6. scoped insert | Core {_ratio(wr['latency'], 'core')} (no audit trail in this database) |")
     out += ["", "## 1. Point read by id in a transaction", "",
             f"{w['point_read']['sizes']['tenants']} tenants × {w['point_read']['sizes']['rows_per_tenant']} brand kits; random tenant and row per operation.", ""]
     out += _latency_table(pr, w["point_read"]["wire"]) + _transcripts(w["point_read"]["wire"])
@@ -132,7 +158,7 @@ def markdown(r: dict[str, Any]) -> str:
             "with it, which cancels that drift: " + ", ".join(f"`{k}` {v:.3f}" for k, v in rel.items()) + "."]
     cs = w["context_switch"]
     out += ["", "## 4. Context switching", "",
-            "Scoped point reads on a pool of exactly one connection; the tenant follows the pattern. Ratio vs `same_tenant`.", ""]
+            "Scoped point reads (rtv-db Core, signed) on a pool of exactly one connection; the tenant follows the pattern. Ratio vs `same_tenant`.", ""]
     out += _latency_table(cs["latency"], labels=False) + _transcripts(cs["wire"])
     cc = w["concurrency"]
     out += ["", "## 5. Concurrency", "",
@@ -149,7 +175,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"Audit trail (`audit_events`) present: **{wr['audit_trail_present']}**.", ""]
     out += _latency_table(wr["latency"], wr["wire"])
     if "audit_cost" in wr:
-        out += ["", "The audit's cost: the same inserts with the table's user triggers disabled, interleaved (ratio vs `baseline_no_audit`):", ""]
+        out += ["", "The audit's cost: the same inserts with brand_kits' audit trigger (`audit_row_change`) disabled, interleaved round by round (ratio vs `baseline_no_audit`):", ""]
         out += _latency_table(wr["audit_cost"], labels=False)
     else:
         out += ["", "No audit trail in this database: the audit's cost is not measured in this run."]
@@ -187,21 +213,22 @@ def plot(r: dict[str, Any], path: Path) -> None:
     # (a) workloads 1 and 2: medians by variant
     ax = axes[0][0]
     groups = [("point read", w["point_read"]["latency"]), ("list 100", w["tenant_list"]["latency"])]
-    names = ["baseline", "rls_query_only", "rls_psycopg", "psycopg_1rt", "set_config_1rt", "sqlalchemy_core", "core", "core_no_ping", "orm"]
-    width = 0.09
+    names = ["baseline", "rls_query_only", "rls_psycopg", "rls_psycopg_unsigned", "set_config_unsigned", "sqlalchemy_core",
+             "core", "core_unsigned", "core_no_ping", "orm", "orm_unsigned"]
+    width = 0.075
     for k, name in enumerate(names):
         xs, ys = [], []
         for g, (_, lat) in enumerate(groups):
             if name in lat:
-                xs.append(g + (k - 4) * width)
+                xs.append(g + (k - 5) * width)
                 ys.append(lat[name]["median_us"])
         bars = ax.bar(xs, ys, width, label=name)
         for x, y, (_, lat) in zip(xs, ys, [gr for gr in groups if name in gr[1]]):
             ax.text(x, y, f"{lat[name]['ratio']:.2f}×", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), [g for g, _ in groups])
     ax.set_ylabel("median latency per transaction (µs)")
-    ax.set_title("1-2. Point read and tenant list (ratio vs baseline)")
-    ax.legend(fontsize=7)
+    ax.set_title("1-2. Point read and tenant list (ratio vs baseline; signed unless _unsigned)")
+    ax.legend(fontsize=6, ncol=2)
     # (b) scale
     ax = axes[0][1]
     pts = w["scale"]["points"]
@@ -213,7 +240,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"tenants ({pts[0]['rows_per_tenant']} rows each)")
     ax.set_ylabel("median µs")
     ax.set_title("3. Scale in tenants")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the legend above the lines
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
     # (c) concurrency
     ax = axes[1][0]
     for mode, marker in (("threads", "o"), ("asyncio", "s")):

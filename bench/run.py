@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from rich.console import Console
 
 from . import concurrency
@@ -141,19 +140,26 @@ def _run(server: BenchServer, sizes: Sizes, res: Results, console: Console) -> N
     n_ops = sizes.rounds * sizes.batch + sizes.warmup + 50
     ops = make_ops(n_ops, T, R)
 
-    say("workload 1: point read by id")
-    res.workloads["point_read"] = {
-        "sizes": {"tenants": T, "rows_per_tenant": R},
-        "latency": _time(lambda: point_read(rt, st, ops), sizes),
-        "wire": _wire(server, main, lambda r, s: point_read(r, s, ops), sizes.wire_ops),
-    }
+    # Workloads 1 and 2 compare the signed context (as shipped) with the unsigned one, interleaved
+    # on the same data: the database is in unsigned mode meanwhile, which accepts both setters
+    # and verifies a signed token exactly as signed mode does (the mode is read only without one).
+    server.set_context_mode(main, "unsigned")
+    try:
+        say("workload 1: point read by id (signed and unsigned context)")
+        res.workloads["point_read"] = {
+            "sizes": {"tenants": T, "rows_per_tenant": R},
+            "latency": _time(lambda: point_read(rt, st, ops), sizes),
+            "wire": _wire(server, main, lambda r, s: point_read(r, s, ops), sizes.wire_ops),
+        }
 
-    say("workload 2: tenant-scoped list")
-    res.workloads["tenant_list"] = {
-        "sizes": {"tenants": T, "rows_per_tenant": R, "limit": L},
-        "latency": _time(lambda: tenant_list(rt, st, ops, L), sizes),
-        "wire": _wire(server, main, lambda r, s: tenant_list(r, s, ops, L), sizes.wire_ops),
-    }
+        say("workload 2: tenant-scoped list")
+        res.workloads["tenant_list"] = {
+            "sizes": {"tenants": T, "rows_per_tenant": R, "limit": L},
+            "latency": _time(lambda: tenant_list(rt, st, ops, L), sizes),
+            "wire": _wire(server, main, lambda r, s: tenant_list(r, s, ops, L), sizes.wire_ops),
+        }
+    finally:
+        server.set_context_mode(main, "signed")
 
     say("workload 4: context switching on one pooled connection")
     k = min(100, T)
@@ -203,11 +209,6 @@ def _concurrency(sizes: Sizes, rt: str, st: str) -> dict[str, Any]:
     return out
 
 
-def _set_user_triggers(server: BenchServer, ds: Dataset, enabled: bool) -> None:
-    with server.admin(ds.name) as conn:
-        conn.execute(sql.SQL("ALTER TABLE brand_kits {} TRIGGER USER").format(sql.SQL("ENABLE" if enabled else "DISABLE")))
-
-
 def _writes(server: BenchServer, ds: Dataset, sizes: Sizes, ops: list[Op]) -> dict[str, Any]:
     rt, st = ds.target.runtime_url, ds.target.system_url
     assert st is not None
@@ -217,7 +218,7 @@ def _writes(server: BenchServer, ds: Dataset, sizes: Sizes, ops: list[Op]) -> di
     out["latency"] = _time(lambda: writes(rt, st, ops, tag=f"{run_tag}a"), sizes)
     out["wire"] = _wire(server, ds, lambda r, s: writes(r, s, ops, tag=f"{run_tag}w"), sizes.wire_ops)
     if audit:
-        # The audit's own cost: the same inserts with the table's user triggers disabled,
+        # The audit's own cost: the same inserts with brand_kits' audit trigger disabled,
         # interleaved round by round with the audited ones.
         from .harness import summarize
 
@@ -229,7 +230,7 @@ def _writes(server: BenchServer, ds: Dataset, sizes: Sizes, ops: list[Op]) -> di
             op = 0
             for r in range(sizes.rounds):
                 for enabled in ((True, False) if r % 2 == 0 else (False, True)):
-                    _set_user_triggers(server, ds, enabled)
+                    server.set_audit(ds, enabled, ("brand_kits",))
                     suffix = "audit" if enabled else "no_audit"
                     for name in ("baseline", "core"):
                         for i in range(sizes.batch):
@@ -238,7 +239,7 @@ def _writes(server: BenchServer, ds: Dataset, sizes: Sizes, ops: list[Op]) -> di
                             samples[f"{name}_{suffix}"].append(time.perf_counter() - t0)
                 op += sizes.batch
         finally:
-            _set_user_triggers(server, ds, True)
+            server.set_audit(ds, True, ("brand_kits",))
             v.close()
         out["audit_cost"] = _stats(summarize(samples, "baseline_no_audit"))
     return out
@@ -246,6 +247,7 @@ def _writes(server: BenchServer, ds: Dataset, sizes: Sizes, ops: list[Op]) -> di
 
 def _scale(server: BenchServer, sizes: Sizes, say: Callable[[str], None]) -> dict[str, Any]:
     ds = server.create("scale")
+    server.set_context_mode(ds, "unsigned")  # rls_query_only and the *_unsigned variants, as in workloads 1-2
     points = []
     for n in sizes.scale_tenants:
         say(f"  scale: {n} tenants x {sizes.scale_rows} rows")

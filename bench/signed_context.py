@@ -1,4 +1,9 @@
-"""Point-read cost of the signed tenant context (issue 8), self-contained.
+"""Point-read cost of the signed tenant context (issue 8), self-contained: a deeper look.
+
+The main bench (``python -m bench``, workloads 1-3) reports the signed and unsigned context side
+by side on its own data (the ``*_unsigned`` variants). This script adds what the main bench does
+not: the pre-signing revision 0002 as a third point, the reader's cost alone and the statement's
+server-side cost without the client.
 
     PYTHONPATH=src python bench/signed_context.py [--reads 3000] [--rounds 5]
 

@@ -21,7 +21,8 @@ from sqlalchemy import select
 from rtv_db import BrandKit, Database, EngineOptions, TenantContext, brand_kits, tenant_session, with_tenant_scope
 from rtv_db.config import to_libpq_url
 from rtv_db.seed.synthetic import KIND_BRAND_KIT, synthetic_row_id, synthetic_tenant_id
-from rtv_db.tenant._transaction import context_params, context_sql
+from rtv_db.signing import load_keys
+from rtv_db.tenant._transaction import ContextSetter, context_params
 
 __all__ = ["Op", "make_ops", "Variants", "point_read", "tenant_list", "writes", "context_switch"]
 
@@ -101,23 +102,34 @@ def _database(url: str, v: Variants, **options: Any) -> Database:
     return db
 
 
-def _rls_psycopg_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
-    """The tenant context set the way rtv-db's begin hook sets it: in a pipeline, on a connection
-    that is not in autocommit (psycopg 3.3 then sends its implicit BEGIN and waits for it before
-    the pipelined call: two round trips, as the wire counts show)."""
-    with conn.pipeline():
-        conn.execute(context_sql(), context_params(TenantContext(tenant)))
+# The unsigned (debugging) setter, as rtv-db's begin hook calls it with RTV_DB_CONTEXT_MODE=unsigned.
+UNSIGNED_SQL = "SELECT rtv.set_tenant_context(%s::uuid, %s::uuid, %s::text, %s::text, %s::text)"
+
+_signer: list[ContextSetter] = []
 
 
-def _one_rt_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
-    """BEGIN and the tenant context in ONE round trip: driver autocommit, an explicit BEGIN
-    pipelined with the context call (commit() still sends COMMIT: the server is in a transaction)."""
+def context_statement(conn: psycopg.Connection[Any], tenant: uuid.UUID, *, signed: bool = True) -> tuple[str, tuple[Any, ...]]:
+    """The SQL and parameters that set ``tenant``'s context on ``conn``: a token minted for its
+    backend with the configured key (signed, the default), or the plain ids (unsigned)."""
+    ctx = TenantContext(tenant)
+    if not signed:
+        return UNSIGNED_SQL, context_params(ctx)
+    if not _signer:
+        _signer.append(ContextSetter(load_keys()[-1]))
+    return _signer[0].statement(conn, ctx, conn.info.backend_pid)
+
+
+def _rls_psycopg_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID, *, signed: bool = True) -> None:
+    """A transaction started the way rtv-db's begin hook starts it: driver in autocommit, BEGIN
+    and the context call pipelined in ONE round trip (commit() still sends COMMIT: the server is
+    in a transaction)."""
+    sql, params = context_statement(conn, tenant, signed=signed)
     with conn.pipeline():
         conn.execute("BEGIN")
-        conn.execute(context_sql(), context_params(TenantContext(tenant)))
+        conn.execute(sql, params)  # type: ignore[arg-type]
 
 
-# The same five settings as rtv.set_tenant_context, with set_config(..., is_local => true)
+# Unsigned mode only: the same five settings as rtv.set_tenant_context, with set_config(..., is_local => true)
 # instead of the PL/pgSQL function's five dynamic SET LOCAL statements: what that costs.
 SET_CONFIG_SQL = (
     "SELECT set_config('app.current_tenant_id', %s, true), set_config('app.current_platform_account_id', '', true),"
@@ -136,7 +148,8 @@ def _set_config_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> None:
 def _session_context(url: str, v: Variants, tenant_holder: list[uuid.UUID | None]) -> psycopg.Connection[Any]:
     """A runtime-role connection for measuring RLS on the query alone: the context is set once per
     tenant change at SESSION level (set_config(..., false)), so a transaction carries no context
-    statement. A measuring device only; rtv-db itself always sets the context per transaction."""
+    statement. A measuring device only, and only in unsigned mode (a signed token is valid only in
+    the transaction that set it); rtv-db itself always sets the context per transaction."""
     conn = psycopg.connect(to_libpq_url(url))
     v.on_close(conn.close)
     return conn
@@ -155,57 +168,81 @@ def _psycopg_autocommit(url: str, v: Variants) -> psycopg.Connection[Any]:
     return conn
 
 
+def _unsigned_database(url: str, v: Variants, probe: Op, **options: Any) -> Database:
+    """A Database whose engine sets the context unsigned (``RTV_DB_CONTEXT_MODE=unsigned`` while
+    its setter resolves its mode, at the first transaction, run here). The database itself must be
+    in unsigned mode (see ``run.context_mode``)."""
+    import os
+
+    db = _database(url, v, **options)
+    before = os.environ.get("RTV_DB_CONTEXT_MODE")
+    os.environ["RTV_DB_CONTEXT_MODE"] = "unsigned"
+    try:
+        _check(with_tenant_scope(db, probe.tenant).scoped_get(brand_kits, probe.row) is not None, "unsigned probe")
+    finally:
+        if before is None:
+            os.environ.pop("RTV_DB_CONTEXT_MODE", None)
+        else:
+            os.environ["RTV_DB_CONTEXT_MODE"] = before
+    return db
+
+
+def _psycopg_variants(v: Variants, runtime_url: str, system_url: str, ops: list[Op], query: str,
+                      args: Callable[[Op], tuple[Any, ...]], ok: Callable[[list[Any], Op], bool], *,
+                      unsigned: bool) -> None:
+    """baseline, rls_query_only, rls_psycopg (+ rls_psycopg_unsigned): the same query by hand."""
+    base = _psycopg(system_url, v)
+
+    def baseline(i: int) -> None:
+        rows = base.execute(query, args(ops[i])).fetchall()
+        base.commit()
+        _check(ok(rows, ops[i]), "baseline")
+
+    v.add("baseline", baseline)
+    if unsigned:
+        qo, qo_tenant = _session_context(runtime_url, v, []), [None]
+
+        def rls_query_only(i: int) -> None:
+            _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # no-op here: done by prepare(), untimed
+            rows = qo.execute(query, args(ops[i])).fetchall()
+            qo.commit()
+            _check(ok(rows, ops[i]), "rls_query_only")
+
+        rls_query_only.prepare = lambda i: _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # type: ignore[attr-defined]
+        v.add("rls_query_only", rls_query_only)
+
+    for signed in ((True, False) if unsigned else (True,)):
+        conn = _psycopg_autocommit(runtime_url, v)
+
+        def rls(i: int, conn: psycopg.Connection[Any] = conn, signed: bool = signed) -> None:
+            _rls_psycopg_txn(conn, ops[i].tenant, signed=signed)
+            rows = conn.execute(query, args(ops[i])).fetchall()
+            conn.commit()
+            _check(ok(rows, ops[i]), "rls_psycopg")
+
+        v.add("rls_psycopg" if signed else "rls_psycopg_unsigned", rls)
+
+
 # -- workload 1: point read by id -----------------------------------------------------------------
 
 
 def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bool = True,
-               with_no_ping: bool = True) -> Variants:
+               with_no_ping: bool = True, unsigned: bool = True) -> Variants:
+    """``unsigned``: add the unsigned-context variants (the database must be in unsigned mode)."""
     v = Variants()
-    base = _psycopg(system_url, v)
+    _psycopg_variants(v, runtime_url, system_url, ops, POINT_SQL, lambda op: (op.tenant, op.row),
+                      lambda rows, op: len(rows) == 1 and rows[0][0] == op.tenant, unsigned=unsigned)
+    if unsigned:
+        sc = _psycopg_autocommit(runtime_url, v)
 
-    def baseline(i: int) -> None:
-        op = ops[i]
-        row = base.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
-        base.commit()
-        _check(row is not None and row[0] == op.tenant, "baseline point read")
+        def set_config_unsigned(i: int) -> None:
+            op = ops[i]
+            _set_config_txn(sc, op.tenant)
+            row = sc.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
+            sc.commit()
+            _check(row is not None and row[0] == op.tenant, "set_config_unsigned point read")
 
-    rls = _psycopg(runtime_url, v)
-
-    def rls_psycopg(i: int) -> None:
-        op = ops[i]
-        _rls_psycopg_txn(rls, op.tenant)
-        row = rls.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
-        rls.commit()
-        _check(row is not None and row[0] == op.tenant, "rls_psycopg point read")
-
-    one = _psycopg_autocommit(runtime_url, v)
-
-    def psycopg_1rt(i: int) -> None:
-        op = ops[i]
-        _one_rt_txn(one, op.tenant)
-        row = one.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
-        one.commit()
-        _check(row is not None and row[0] == op.tenant, "psycopg_1rt point read")
-
-    qo, qo_tenant = _session_context(runtime_url, v, []), [None]
-
-    def rls_query_only(i: int) -> None:
-        op = ops[i]
-        _ensure_session_tenant(qo, qo_tenant, op.tenant)  # no-op here: done by prepare(), untimed
-        row = qo.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
-        qo.commit()
-        _check(row is not None and row[0] == op.tenant, "rls_query_only point read")
-
-    rls_query_only.prepare = lambda i: _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # type: ignore[attr-defined]
-
-    sc = _psycopg_autocommit(runtime_url, v)
-
-    def set_config_1rt(i: int) -> None:
-        op = ops[i]
-        _set_config_txn(sc, op.tenant)
-        row = sc.execute(POINT_SQL, (op.tenant, op.row)).fetchone()
-        sc.commit()
-        _check(row is not None and row[0] == op.tenant, "set_config_1rt point read")
+        v.add("set_config_unsigned", set_config_unsigned)
 
     plain = _plain_engine(system_url, v)
 
@@ -217,20 +254,17 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
             ).first()
         _check(row is not None and row.client_id == op.tenant, "sqlalchemy_core point read")
 
-    db = _database(runtime_url, v)
-
-    def core(i: int) -> None:
-        op = ops[i]
-        row = with_tenant_scope(db, op.tenant).scoped_get(brand_kits, op.row)
-        _check(row is not None and row.client_id == op.tenant, "core point read")
-
-    v.add("baseline", baseline)
-    v.add("rls_query_only", rls_query_only)
-    v.add("rls_psycopg", rls_psycopg)
-    v.add("psycopg_1rt", psycopg_1rt)
-    v.add("set_config_1rt", set_config_1rt)
     v.add("sqlalchemy_core", sqlalchemy_core)
-    v.add("core", core)
+    dbs = {"": _database(runtime_url, v)}
+    if unsigned:
+        dbs["_unsigned"] = _unsigned_database(runtime_url, v, ops[0])
+    for suffix, db in dbs.items():
+        def core(i: int, db: Database = db, suffix: str = suffix) -> None:
+            op = ops[i]
+            row = with_tenant_scope(db, op.tenant).scoped_get(brand_kits, op.row)
+            _check(row is not None and row.client_id == op.tenant, f"core{suffix} point read")
+
+        v.add("core" + suffix, core)
     if with_no_ping:
         db_np = _database(runtime_url, v, pool_pre_ping=False)
 
@@ -241,58 +275,24 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
 
         v.add("core_no_ping", core_no_ping)
     if with_orm:
-        def orm(i: int) -> None:
-            op = ops[i]
-            with tenant_session(db, TenantContext(op.tenant)) as session, session.begin():
-                kit = session.get(BrandKit, (op.tenant, op.row))
-                _check(kit is not None and kit.client_id == op.tenant, "orm point read")
+        for suffix, db in dbs.items():
+            def orm(i: int, db: Database = db, suffix: str = suffix) -> None:
+                op = ops[i]
+                with tenant_session(db, TenantContext(op.tenant)) as session, session.begin():
+                    kit = session.get(BrandKit, (op.tenant, op.row))
+                    _check(kit is not None and kit.client_id == op.tenant, f"orm{suffix} point read")
 
-        v.add("orm", orm)
+            v.add("orm" + suffix, orm)
     return v
 
 
 # -- workload 2: tenant-scoped list ---------------------------------------------------------------
 
 
-def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) -> Variants:
+def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int, *, unsigned: bool = True) -> Variants:
     v = Variants()
-    base = _psycopg(system_url, v)
-
-    def baseline(i: int) -> None:
-        tenant = ops[i].tenant
-        rows = base.execute(LIST_SQL, (tenant, limit)).fetchall()
-        base.commit()
-        _check(len(rows) == limit and rows[0][0] == tenant, "baseline list")
-
-    rls = _psycopg(runtime_url, v)
-
-    def rls_psycopg(i: int) -> None:
-        tenant = ops[i].tenant
-        _rls_psycopg_txn(rls, tenant)
-        rows = rls.execute(LIST_SQL, (tenant, limit)).fetchall()
-        rls.commit()
-        _check(len(rows) == limit and rows[0][0] == tenant, "rls_psycopg list")
-
-    one = _psycopg_autocommit(runtime_url, v)
-
-    def psycopg_1rt(i: int) -> None:
-        tenant = ops[i].tenant
-        _one_rt_txn(one, tenant)
-        rows = one.execute(LIST_SQL, (tenant, limit)).fetchall()
-        one.commit()
-        _check(len(rows) == limit and rows[0][0] == tenant, "psycopg_1rt list")
-
-    qo, qo_tenant = _session_context(runtime_url, v, []), [None]
-
-    def rls_query_only(i: int) -> None:
-        tenant = ops[i].tenant
-        _ensure_session_tenant(qo, qo_tenant, tenant)  # no-op here: done by prepare(), untimed
-        rows = qo.execute(LIST_SQL, (tenant, limit)).fetchall()
-        qo.commit()
-        _check(len(rows) == limit and rows[0][0] == tenant, "rls_query_only list")
-
-    rls_query_only.prepare = lambda i: _ensure_session_tenant(qo, qo_tenant, ops[i].tenant)  # type: ignore[attr-defined]
-
+    _psycopg_variants(v, runtime_url, system_url, ops, LIST_SQL, lambda op: (op.tenant, limit),
+                      lambda rows, op: len(rows) == limit and rows[0][0] == op.tenant, unsigned=unsigned)
     plain = _plain_engine(system_url, v)
 
     def sqlalchemy_core(i: int) -> None:
@@ -303,19 +303,17 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int) ->
             ).all()
         _check(len(rows) == limit and rows[0].client_id == tenant, "sqlalchemy_core list")
 
-    db = _database(runtime_url, v)
-
-    def core(i: int) -> None:
-        tenant = ops[i].tenant
-        rows = with_tenant_scope(db, tenant).scoped_query(brand_kits, order_by=[brand_kits.c.id], limit=limit)
-        _check(len(rows) == limit and rows[0].client_id == tenant, "core list")
-
-    v.add("baseline", baseline)
-    v.add("rls_query_only", rls_query_only)
-    v.add("rls_psycopg", rls_psycopg)
-    v.add("psycopg_1rt", psycopg_1rt)
     v.add("sqlalchemy_core", sqlalchemy_core)
-    v.add("core", core)
+    dbs = {"": _database(runtime_url, v)}
+    if unsigned:
+        dbs["_unsigned"] = _unsigned_database(runtime_url, v, ops[0])
+    for suffix, db in dbs.items():
+        def core(i: int, db: Database = db, suffix: str = suffix) -> None:
+            tenant = ops[i].tenant
+            rows = with_tenant_scope(db, tenant).scoped_query(brand_kits, order_by=[brand_kits.c.id], limit=limit)
+            _check(len(rows) == limit and rows[0].client_id == tenant, f"core{suffix} list")
+
+        v.add("core" + suffix, core)
     return v
 
 
@@ -349,16 +347,6 @@ def writes(runtime_url: str, system_url: str, ops: list[Op], *, tag: str) -> Var
         row = base.execute(INSERT_SQL, (tenant, uuid.uuid4(), f"bench {tag} b{i} {uuid.uuid4().hex[:8]}")).fetchone()
         base.commit()
         _check(row is not None and row[0] == tenant, "baseline insert")
-
-    plain = _plain_engine(system_url, v)
-
-    def sqlalchemy_core(i: int) -> None:
-        tenant = ops[i].tenant
-        with plain.begin() as conn:
-            rows = conn.execute(
-                select(brand_kits).where(brand_kits.c.client_id == tenant).order_by(brand_kits.c.id).limit(limit)
-            ).all()
-        _check(len(rows) == limit and rows[0].client_id == tenant, "sqlalchemy_core list")
 
     db = _database(runtime_url, v)
 

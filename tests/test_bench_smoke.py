@@ -27,7 +27,7 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
     assert set(workloads) == {"point_read", "tenant_list", "context_switch", "concurrency", "writes", "scale"}
     for name in ("point_read", "tenant_list"):
         latency = workloads[name]["latency"]
-        assert {"baseline", "rls_query_only", "rls_psycopg", "psycopg_1rt", "core"} <= set(latency)
+        assert {"baseline", "rls_query_only", "rls_psycopg", "rls_psycopg_unsigned", "core", "core_unsigned"} <= set(latency)
         for stats in latency.values():
             assert stats["n"] > 0 and stats["median_us"] > 0 and stats["ratio"] > 0
         assert latency["baseline"]["ratio"] == 1.0
@@ -35,10 +35,20 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
         # Counted on the wire, not timed: the hand-written baseline is BEGIN, SELECT, COMMIT.
         assert wire["baseline"]["round_trips_per_op"] == 3
         assert wire["baseline"]["statements_per_op"] == 3
-        assert wire["psycopg_1rt"]["round_trips_per_op"] == 3
+        # BEGIN and the context pipelined: no extra round trip, signed or not.
+        assert wire["rls_psycopg"]["round_trips_per_op"] == 3
+        assert wire["rls_psycopg_unsigned"]["round_trips_per_op"] == 3
         assert wire["rls_query_only"]["round_trips_per_op"] == 3
-        assert any("set_tenant_context" in sql for trip in wire["core"]["one_op"] for sql in trip)
-    assert "orm" in workloads["point_read"]["latency"]
+        # rtv-db signs by default; its BEGIN travels with the context in one round trip.
+        assert any("BEGIN" in trip[0] and any("set_signed_context" in sql for sql in trip) for trip in wire["core"]["one_op"])
+        assert any("set_tenant_context" in sql for trip in wire["core_unsigned"]["one_op"] for sql in trip)
+    point_wire = workloads["point_read"]["wire"]
+    assert point_wire["core_no_ping"]["round_trips_per_op"] == 3  # as the hand-written baseline
+    assert point_wire["core"]["round_trips_per_op"] == 4  # + the pool's pre-ping
+    assert {"orm", "orm_unsigned"} <= set(workloads["point_read"]["latency"])
+    # The audit trail exists on main: workload 6 measures scoped inserts with and without it.
+    assert workloads["writes"]["audit_trail_present"]
+    assert {"core_audit", "core_no_audit", "baseline_audit", "baseline_no_audit"} <= set(workloads["writes"]["audit_cost"])
     assert len(workloads["scale"]["points"]) == len(data["sizes"]["scale_tenants"])
     for mode in ("threads", "asyncio"):
         rows = workloads["concurrency"]["throughput"][mode]
