@@ -222,7 +222,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
             if name in lat:
                 xs.append(g + (k - 5) * width)
                 ys.append(lat[name]["median_us"])
-        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar(xs, ys, width, label=name)
         for x, y, (_, lat) in zip(xs, ys, [gr for gr in groups if name in gr[1]]):
             ax.text(x, y, f"{lat[name]['ratio']:.2f}×", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), [g for g, _ in groups])

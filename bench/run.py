@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import psycopg
 from rich.console import Console
 
 from . import concurrency

@@ -24,7 +24,6 @@ from rtv_db import (
     brand_kits,
     clients,
     knowledge_bases,
-    knowledge_chunks,
     platform_accounts,
     platform_actions,
     purge_audit_events,

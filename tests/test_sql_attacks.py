@@ -24,7 +24,6 @@ import pytest
 import sqlalchemy.exc
 from psycopg import sql
 
-from conftest import make_tenants
 from reliability_checks import TENANT_TABLES, assert_no_context_left, table_counts
 from rtv_db import Database, with_tenant_scope
 from rtv_db.config import to_libpq_url

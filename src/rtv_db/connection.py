@@ -204,10 +204,10 @@ class Database:
         started = time.perf_counter()
         try:
             with self.engine.connect() as conn:
-                row = conn.execute(_PROBE).one()
+                version, database, user = conn.execute(_PROBE).one()
         except SQLAlchemyError as exc:
             raise connect_error(self.url, exc) from exc
-        return ConnectionInfo(*row, latency_ms=(time.perf_counter() - started) * 1000)
+        return ConnectionInfo(version, database, user, latency_ms=(time.perf_counter() - started) * 1000)
 
     def get_pool_stats(self) -> PoolStats:
         return _pool_stats(self.engine)
@@ -246,10 +246,10 @@ class AsyncDatabase:
         started = time.perf_counter()
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.execute(_PROBE)).one()
+                version, database, user = (await conn.execute(_PROBE)).one()
         except SQLAlchemyError as exc:
             raise connect_error(self.url, exc) from exc
-        return ConnectionInfo(*row, latency_ms=(time.perf_counter() - started) * 1000)
+        return ConnectionInfo(version, database, user, latency_ms=(time.perf_counter() - started) * 1000)
 
     def get_pool_stats(self) -> PoolStats:
         return _pool_stats(self.engine.sync_engine)

@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Delete, Insert, Select, Table, Update, delete, insert, select, update
+from sqlalchemy import JSON, ColumnElement, Select, Table, delete, insert, select, update
+from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 from sqlalchemy.orm import DeclarativeBase
 
 from ..errors import CrossTenantWriteError, InvalidInputError, UnscopedWriteError
@@ -178,7 +179,7 @@ def build_select(table: Table, ctx: TenantContext, where: Sequence[ColumnElement
     return stmt
 
 
-def build_insert(table: Table, ctx: TenantContext, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> tuple[Insert, list[dict[str, Any]]]:
+def build_insert(table: Table, ctx: TenantContext, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> tuple[ReturningInsert[Any], list[dict[str, Any]]]:
     if isinstance(values, Mapping):
         rows = [values]
     elif isinstance(values, Sequence) and not isinstance(values, (str, bytes, bytearray)):
@@ -194,7 +195,7 @@ def build_insert(table: Table, ctx: TenantContext, values: Mapping[str, Any] | S
     return insert(table).returning(*table.c), [stamp(table, ctx, row) for row in rows]
 
 
-def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], where: Sequence[ColumnElement[bool]]) -> Update:
+def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], where: Sequence[ColumnElement[bool]]) -> ReturningUpdate[Any]:
     if not where:
         raise UnscopedWriteError(f"scoped_update on {table.name} needs a condition; pass one (e.g. table.c.id == ...)")
     _check_columns(table, values)
@@ -207,7 +208,7 @@ def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], wh
     return update(table).where(*scope_predicates(table, ctx), *where).values(**values).returning(*table.c)
 
 
-def build_delete(table: Table, ctx: TenantContext, where: Sequence[ColumnElement[bool]]) -> Delete:
+def build_delete(table: Table, ctx: TenantContext, where: Sequence[ColumnElement[bool]]) -> ReturningDelete[Any]:
     if not where:
         raise UnscopedWriteError(f"scoped_delete on {table.name} needs a condition; pass one (e.g. table.c.id == ...)")
     if table.name == "clients":
