@@ -98,6 +98,14 @@ def test_update_and_delete_require_a_condition(db, tenants):
         scope.scoped_update(brand_kits, {"name": "x"})
     with pytest.raises(UnscopedWriteError):
         scope.scoped_delete(brand_kits)
+    from sqlalchemy import true
+
+    # A condition that is literally TRUE is no condition.
+    with pytest.raises(UnscopedWriteError):
+        scope.scoped_delete(brand_kits, true())
+    with pytest.raises(UnscopedWriteError):
+        scope.scoped_update(brand_kits, {"name": "x"}, true(), True)
+    assert len(scope.scoped_query(brand_kits)) == 1
 
 
 def test_scoped_update_cannot_change_client_id(db, tenants):

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import JSON, ColumnElement, Select, Table, delete, insert, select, update
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
+from sqlalchemy.sql.elements import True_
 from sqlalchemy.orm import DeclarativeBase
 
 from ..errors import CrossTenantWriteError, InvalidInputError, UnscopedWriteError
@@ -195,9 +196,15 @@ def build_insert(table: Table, ctx: TenantContext, values: Mapping[str, Any] | S
     return insert(table).returning(*table.c), [stamp(table, ctx, row) for row in rows]
 
 
+def _require_condition(verb: str, table: Table, where: Sequence[Any]) -> None:
+    """An update or delete needs a real condition: none, or only literal TRUEs, is refused."""
+    real = [w for w in where if not (w is True or isinstance(w, True_))]
+    if not real:
+        raise UnscopedWriteError(f"{verb} on {table.name} needs a condition; pass one (e.g. table.c.id == ...)")
+
+
 def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], where: Sequence[ColumnElement[bool]]) -> ReturningUpdate[Any]:
-    if not where:
-        raise UnscopedWriteError(f"scoped_update on {table.name} needs a condition; pass one (e.g. table.c.id == ...)")
+    _require_condition("scoped_update", table, where)
     _check_columns(table, values)
     if not values:
         raise InvalidInputError(f"nothing to update in {table.name}")
@@ -209,8 +216,7 @@ def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], wh
 
 
 def build_delete(table: Table, ctx: TenantContext, where: Sequence[ColumnElement[bool]]) -> ReturningDelete[Any]:
-    if not where:
-        raise UnscopedWriteError(f"scoped_delete on {table.name} needs a condition; pass one (e.g. table.c.id == ...)")
+    _require_condition("scoped_delete", table, where)
     if table.name == "clients":
         raise InvalidInputError("tenants are deleted by the system scope, not inside a tenant scope")
     return delete(table).where(*scope_predicates(table, ctx), *where).returning(*table.c)
