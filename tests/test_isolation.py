@@ -385,3 +385,29 @@ def _seed_every_table(system, tenants):
             conn.execute(platform_actions.insert().values(client_id=tid, platform_account_id=account, kind="post", lane="api"))
         assert conn.execute(text("select count(*) from clients")).scalar() >= 2
     _ = clients
+
+
+def test_scoped_get_on_platform_actions_needs_the_account_and_lane(db, tenants, system):
+    account = uuid.uuid4()
+    with system.transaction() as conn:
+        conn.execute(platform_accounts.insert().values(client_id=tenants.a, id=account, platform="x", handle="@g",
+                                                       lanes=["api", "browser"]))
+    api = with_tenant_scope(db, tenants.a, platform_account_id=account, lane="api")
+    [action] = api.scoped_insert(platform_actions, {"kind": "post"})
+    assert api.scoped_get(platform_actions, action.id).id == action.id
+    assert api.scoped_get(platform_actions, str(action.id)).kind == "post"
+    assert with_tenant_scope(db, tenants.a, platform_account_id=account, lane="browser").scoped_get(platform_actions, action.id) is None
+    assert with_tenant_scope(db, tenants.b).scoped_get(platform_actions, action.id) is None
+    assert api.scoped_get(platform_actions, uuid.uuid4()) is None
+
+
+async def test_async_scoped_get(target, tenants):
+    from rtv_db import AsyncDatabase
+
+    adb = AsyncDatabase(target.runtime_url)
+    try:
+        [kit] = await with_tenant_scope(adb, tenants.a).scoped_query(brand_kits)
+        assert (await with_tenant_scope(adb, tenants.a).scoped_get(brand_kits, kit.id)).name == "Brand A"
+        assert await with_tenant_scope(adb, tenants.b).scoped_get(brand_kits, kit.id) is None
+    finally:
+        await adb.close()

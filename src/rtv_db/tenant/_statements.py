@@ -7,12 +7,14 @@ is the wall behind it: the predicate is an optimisation and a second check, not 
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Select, Table, delete, insert, select, update
+from sqlalchemy import JSON, ColumnElement, Select, Table, bindparam, delete, insert, select, update
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 from sqlalchemy.sql.elements import True_
 from sqlalchemy.orm import DeclarativeBase
@@ -27,6 +29,7 @@ __all__ = [
     "resolve_table",
     "tenant_column",
     "build_select",
+    "build_get",
     "build_insert",
     "build_update",
     "build_delete",
@@ -76,6 +79,32 @@ def scope_predicates(table: Table, ctx: TenantContext) -> list[ColumnElement[boo
             predicates.append(table.c.platform_account_id == ctx.platform_account_id)
         predicates.append(table.c.lane == ctx.lane)
     return predicates
+
+
+@functools.lru_cache(maxsize=128)
+def _point_select(table: Table, with_account: bool) -> Select[Any]:
+    """``SELECT ... WHERE <scope predicates> AND id = :id``, built once per table.
+
+    Building SQLAlchemy expressions costs more than compiling them (which SQLAlchemy caches), so
+    the hot by-id read is built once with bound parameters and reused.
+    """
+    predicates: list[ColumnElement[bool]] = [tenant_column(table) == bindparam("rtv_tenant", type_=UUID(as_uuid=True))]
+    if "platform_account_id" in table.c and "lane" in table.c:
+        if with_account:
+            predicates.append(table.c.platform_account_id == bindparam("rtv_account", type_=UUID(as_uuid=True)))
+        predicates.append(table.c.lane == bindparam("rtv_lane"))
+    return select(table).where(*predicates, table.c.id == bindparam("rtv_id", type_=UUID(as_uuid=True))).limit(1)
+
+
+def build_get(table: Table, ctx: TenantContext, id: uuid.UUID) -> tuple[Select[Any], dict[str, Any]]:
+    """The by-id read of :meth:`TenantScope.scoped_get`: a cached statement and its parameters."""
+    stmt = _point_select(table, ctx.platform_account_id is not None)
+    params: dict[str, Any] = {"rtv_tenant": ctx.tenant_id, "rtv_id": id}
+    if "platform_account_id" in table.c and "lane" in table.c:
+        params["rtv_lane"] = ctx.lane
+        if ctx.platform_account_id is not None:
+            params["rtv_account"] = ctx.platform_account_id
+    return stmt, params
 
 
 def _check_columns(table: Table, values: Mapping[str, Any]) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..connection import AsyncDatabase, Database
 from .context import Lane, TenantContext, use_tenant_context
-from ._statements import TableLike, build_delete, build_insert, build_select, build_update, resolve_table
+from ._statements import TableLike, build_delete, build_get, build_insert, build_select, build_update, resolve_table
 from ._transaction import CONTEXT_OPTION
 
 __all__ = ["TenantScope", "AsyncTenantScope", "with_tenant_scope", "TenantScopedDb"]
@@ -71,9 +71,9 @@ class TenantScope(_ScopeBase[Database]):
 
     def scoped_get(self, table: TableLike, id: uuid.UUID | str) -> Row[Any] | None:
         """One row by id, or None (also when the id belongs to another tenant)."""
-        resolved = resolve_table(table)
-        rows = self.scoped_query(resolved, resolved.c.id == _as_uuid(id), limit=1)
-        return rows[0] if rows else None
+        stmt, params = build_get(resolve_table(table), self.context, _as_uuid(id))
+        with self._connection() as conn:
+            return conn.execute(stmt, params).first()
 
     def scoped_insert(self, table: TableLike, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Row[Any]]:
         """Insert one row (a mapping) or many; ``client_id`` is set from the scope."""
@@ -154,9 +154,9 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
             return list(await conn.execute(stmt))
 
     async def scoped_get(self, table: TableLike, id: uuid.UUID | str) -> Row[Any] | None:
-        resolved = resolve_table(table)
-        rows = await self.scoped_query(resolved, resolved.c.id == _as_uuid(id), limit=1)
-        return rows[0] if rows else None
+        stmt, params = build_get(resolve_table(table), self.context, _as_uuid(id))
+        async with self._connection() as conn:
+            return (await conn.execute(stmt, params)).first()
 
     async def scoped_insert(self, table: TableLike, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Row[Any]]:
         stmt, rows = build_insert(resolve_table(table), self.context, values)
