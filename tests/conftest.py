@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +100,10 @@ def empty_target(cluster: Cluster) -> Iterator[Target]:
         _drop(cluster, name)
 
 
-@pytest.fixture()
-def target(cluster: Cluster, template: str) -> Iterator[Target]:
-    """A fresh, migrated database of this test's own."""
-    name = f"rtv_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def migrated_database(cluster: Cluster, template: str, prefix: str = "rtv_test") -> Iterator[Target]:
+    """A new database cloned from the migrated template, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     cluster.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
     try:
         t = cluster.target(name)
@@ -110,6 +111,13 @@ def target(cluster: Cluster, template: str) -> Iterator[Target]:
         yield t
     finally:
         _drop(cluster, name)
+
+
+@pytest.fixture()
+def target(cluster: Cluster, template: str) -> Iterator[Target]:
+    """A fresh, migrated database of this test's own."""
+    with migrated_database(cluster, template) as t:
+        yield t
 
 
 @pytest.fixture()

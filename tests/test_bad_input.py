@@ -24,10 +24,9 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy.exc
-from psycopg import sql
 from sqlalchemy import Column, MetaData, Table, text
 
-from conftest import make_tenants
+from conftest import make_tenants, migrated_database
 from reliability_checks import assert_no_context_left, table_counts
 from rtv_db import (
     CrossTenantWriteError,
@@ -38,7 +37,6 @@ from rtv_db import (
     SystemScope,
     TenantContext,
     UnscopedWriteError,
-    migrate,
     with_tenant_scope,
 )
 from rtv_db.config import to_libpq_url
@@ -72,29 +70,25 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(cluster, template) -> Iterator[World]:
-    name = f"rtv_test_bad_input_{uuid.uuid4().hex[:8]}"
-    cluster.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
-    target = cluster.target(name)
-    migrate(target.require_admin(), cluster.settings)
-    system = SystemScope(target.system_url, reason="bad-input catalogue setup")
-    db = Database(target.runtime_url)
-    try:
-        a, b = make_tenants(system, "A", "B")
-        ids = {k: uuid.uuid4() for k in ("account_a", "account_b", "kb_a", "kb_b")}
-        with system.transaction() as conn:
-            conn.execute(platform_accounts.insert(), [
-                {"client_id": a, "id": ids["account_a"], "platform": "x", "handle": "a", "lanes": ["api", "browser"]},
-                {"client_id": b, "id": ids["account_b"], "platform": "x", "handle": "b", "lanes": ["api"]},
-            ])
-            conn.execute(knowledge_bases.insert(), [
-                {"client_id": a, "id": ids["kb_a"], "name": "kb"}, {"client_id": b, "id": ids["kb_b"], "name": "kb"},
-            ])
-            kit_b = conn.execute(text("SELECT id FROM brand_kits WHERE client_id = :b"), {"b": b}).scalar_one()
-        yield World(db, system, target.runtime_url, a, b, kit_b=kit_b, **ids)
-    finally:
-        db.close()
-        system.close()
-        cluster.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with migrated_database(cluster, template, "rtv_test_bad_input") as target:
+        system = SystemScope(target.system_url, reason="bad-input catalogue setup")
+        db = Database(target.runtime_url)
+        try:
+            a, b = make_tenants(system, "A", "B")
+            ids = {k: uuid.uuid4() for k in ("account_a", "account_b", "kb_a", "kb_b")}
+            with system.transaction() as conn:
+                conn.execute(platform_accounts.insert(), [
+                    {"client_id": a, "id": ids["account_a"], "platform": "x", "handle": "a", "lanes": ["api", "browser"]},
+                    {"client_id": b, "id": ids["account_b"], "platform": "x", "handle": "b", "lanes": ["api"]},
+                ])
+                conn.execute(knowledge_bases.insert(), [
+                    {"client_id": a, "id": ids["kb_a"], "name": "kb"}, {"client_id": b, "id": ids["kb_b"], "name": "kb"},
+                ])
+                kit_b = conn.execute(text("SELECT id FROM brand_kits WHERE client_id = :b"), {"b": b}).scalar_one()
+            yield World(db, system, target.runtime_url, a, b, kit_b=kit_b, **ids)
+        finally:
+            db.close()
+            system.close()
 
 
 def _nested(depth: int) -> dict[str, Any]:

@@ -25,12 +25,11 @@ import sqlalchemy.exc
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from psycopg import sql
 from sqlalchemy import Table, text
 
-from conftest import make_tenants
+from conftest import make_tenants, migrated_database
 from reliability_checks import assert_no_context_left
-from rtv_db import Database, SystemScope, migrate, with_tenant_scope
+from rtv_db import Database, SystemScope, with_tenant_scope
 from rtv_db.schema import brand_kits, knowledge_bases
 
 TENANTS = 5
@@ -68,19 +67,15 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(cluster, template) -> Iterator[World]:
-    name = f"rtv_test_props_{uuid.uuid4().hex[:8]}"
-    cluster.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
-    target = cluster.target(name)
-    migrate(target.require_admin(), cluster.settings)
-    system = SystemScope(target.system_url, reason="property test setup")
-    db = Database(target.runtime_url)
-    try:
-        tenants = make_tenants(system, *[f"P{i}" for i in range(TENANTS)])
-        yield World(db, system, tenants)
-    finally:
-        db.close()
-        system.close()
-        cluster.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with migrated_database(cluster, template, "rtv_test_props") as target:
+        system = SystemScope(target.system_url, reason="property test setup")
+        db = Database(target.runtime_url)
+        try:
+            tenants = make_tenants(system, *[f"P{i}" for i in range(TENANTS)])
+            yield World(db, system, tenants)
+        finally:
+            db.close()
+            system.close()
 
 
 tenant_ix = st.integers(min_value=0, max_value=TENANTS - 1)
