@@ -10,7 +10,8 @@ of the moment (see :mod:`rtv_db.tenant`), set in the same round trip as ``BEGIN`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -37,7 +38,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Pool and timeout defaults for the runtime engine. Every value can be overridden."""
+    """Pool, driver and timeout settings of one engine. Every value can be overridden.
+
+    The server-side timeouts come from the runtime role's settings in the database, which
+    ``rtv-db migrate`` installs (``statement_timeout`` 30 s, ``idle_in_transaction_session_timeout``
+    60 s): they hold behind a pooler, which drops startup options. ``statement_timeout_ms`` and
+    ``idle_in_transaction_timeout_ms`` override them for this engine's connections only, as
+    startup options, and so only on direct connections (PgBouncer refuses or drops them).
+
+    ``prepare_threshold`` is psycopg's: ``None`` (the default) never prepares a statement on the
+    server. A prepared statement is session state that SQL on the same connection can redefine,
+    and PgBouncer's transaction mode (before 1.21) cannot carry it; see docs/pooling.md.
+    ``connect_args`` are passed to ``psycopg.connect`` on top of rtv-db's own (which they may
+    override, except ``autocommit``, which rtv-db needs to send ``BEGIN`` itself).
+    """
 
     pool_size: int = 5
     max_overflow: int = 5
@@ -45,26 +59,34 @@ class EngineOptions:
     pool_recycle: int = 1800  # seconds; replace connections before server/proxy idle limits
     pool_pre_ping: bool = True  # a dead connection is replaced, not handed out
     connect_timeout: int = 5
-    statement_timeout_ms: int = 30_000
-    idle_in_transaction_timeout_ms: int = 60_000
+    statement_timeout_ms: int | None = None
+    idle_in_transaction_timeout_ms: int | None = None
     application_name: str = "rtv-db"
+    prepare_threshold: int | None = None
+    connect_args: Mapping[str, Any] = field(default_factory=dict)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        options = (
-            f"-c statement_timeout={self.statement_timeout_ms}"
-            f" -c idle_in_transaction_session_timeout={self.idle_in_transaction_timeout_ms}"
-        )
+        connect_args: dict[str, Any] = {
+            "connect_timeout": self.connect_timeout,
+            "application_name": self.application_name,
+            "prepare_threshold": self.prepare_threshold,
+        }
+        options = []
+        if self.statement_timeout_ms is not None:
+            options.append(f"-c statement_timeout={int(self.statement_timeout_ms)}")
+        if self.idle_in_transaction_timeout_ms is not None:
+            options.append(f"-c idle_in_transaction_session_timeout={int(self.idle_in_transaction_timeout_ms)}")
+        if options:
+            connect_args["options"] = " ".join(options)
+        connect_args.update(self.connect_args)
+        connect_args.pop("autocommit", None)
         return {
             "pool_size": self.pool_size,
             "max_overflow": self.max_overflow,
             "pool_timeout": self.pool_timeout,
             "pool_recycle": self.pool_recycle,
             "pool_pre_ping": self.pool_pre_ping,
-            "connect_args": {
-                "connect_timeout": self.connect_timeout,
-                "application_name": self.application_name,
-                "options": options,
-            },
+            "connect_args": connect_args,
         }
 
 
