@@ -116,7 +116,7 @@ def context_statement(conn: psycopg.Connection[Any], tenant: uuid.UUID, *, signe
         return UNSIGNED_SQL, context_params(ctx)
     if not _signer:
         _signer.append(ContextSetter(load_keys()[-1]))
-    return _signer[0].statement(conn, ctx, conn.info.backend_pid)
+    return _signer[0].statement(ctx)
 
 
 def _rls_psycopg_txn(conn: psycopg.Connection[Any], tenant: uuid.UUID, *, signed: bool = True) -> None:

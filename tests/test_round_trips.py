@@ -1,4 +1,4 @@
-"""The tenant context costs no extra round trip: BEGIN and the context go together."""
+"""The clean session and the tenant context cost no extra round trip: they travel with BEGIN."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ def test_scoped_point_read_takes_three_round_trips_like_hand_written_sql(target,
     db = Database(counter.proxied_url(target.runtime_url), pool_pre_ping=False)
     try:
         scope = with_tenant_scope(db, tenants.a)
-        [kit] = scope.scoped_query(brand_kits)  # warm: connect, role check, backend pid
+        [kit] = scope.scoped_query(brand_kits)  # warm: connect, role check
         before = counter.snapshot()
         assert scope.scoped_get(brand_kits, kit.id).name == "Brand A"
         spent = counter.snapshot().minus(before)
         # Hand-written: BEGIN; SELECT ...; COMMIT -- three round trips. rtv-db: the same three.
         assert spent.round_trips == 3, spent.transcript
         first = spent.transcript[0]
-        assert first[0].startswith("BEGIN") and "set_signed_context" in first[1], spent.transcript
+        assert first[0].startswith("BEGIN"), spent.transcript
+        assert first[1:] == ["SELECT rtv.clean_session()", first[2]] and "set_signed_context" in first[2], spent.transcript
         assert spent.transcript[-1] == ["COMMIT"]
     finally:
         db.close()

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .config import Settings, describe_target, to_sqlalchemy_url
 from .errors import DatabaseConnectionError, UnsafeRuntimeRoleError
+from .tenant._transaction import PROBE_OPTION
 
 __all__ = [
     "Database",
@@ -226,7 +227,7 @@ class Database:
         started = time.perf_counter()
         try:
             with self.engine.connect() as conn:
-                version, database, user = conn.execute(_PROBE).one()
+                version, database, user = conn.execution_options(**{PROBE_OPTION: True}).execute(_PROBE).one()
         except SQLAlchemyError as exc:
             raise connect_error(self.url, exc) from exc
         return ConnectionInfo(version, database, user, latency_ms=(time.perf_counter() - started) * 1000)
@@ -268,6 +269,7 @@ class AsyncDatabase:
         started = time.perf_counter()
         try:
             async with self.engine.connect() as conn:
+                await conn.execution_options(**{PROBE_OPTION: True})
                 version, database, user = (await conn.execute(_PROBE)).one()
         except SQLAlchemyError as exc:
             raise connect_error(self.url, exc) from exc

@@ -3,10 +3,13 @@
 The application proves the tenant context to PostgreSQL with a token it signs with a key the
 runtime role can never read (see docs/signed-context.md and migration 0004)::
 
-    v1.<key_id>.<tenant>.<platform account or ->.<lane>.<expiry epoch>.<backend pid>.<hex MAC>
+    v2.<key_id>.<tenant>.<platform account or ->.<lane>.<expiry epoch>.<nonce>.<hex MAC>
 
 The MAC is HMAC-SHA256 over everything before its own dot, a newline, the user id, a newline and
-the correlation id (those two travel as their own settings, but are signed).
+the correlation id (those two travel as their own parameters, but are signed). The nonce (128
+random bits) makes every token unique: the database spends it once, for one transaction
+(migration 0005), so a token is bound to the transaction that used it, not to a backend, and
+works behind any pooler.
 
 Where the keys come from, first match wins:
 
@@ -60,7 +63,7 @@ __all__ = [
 ]
 
 ContextMode = Literal["signed", "unsigned"]
-TOKEN_VERSION: Final = "v1"
+TOKEN_VERSION: Final = "v2"
 KEY_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _SECRET_BYTES: Final = 32
 DEFAULT_TTL: Final = 300
@@ -198,14 +201,18 @@ def mint_token(
     tenant_id: object,
     platform_account_id: object | None,
     lane: str,
-    backend_pid: int,
     expires_at: int,
     user_id: str | None = None,
     correlation_id: str | None = None,
+    nonce: str | None = None,
 ) -> str:
-    """A signed context token for one backend (connection), valid until ``expires_at`` (epoch s)."""
+    """A signed context token for one transaction, valid until ``expires_at`` (epoch s).
+
+    ``nonce`` (32 hex digits) is random unless given (tests replay one on purpose).
+    """
     body = ".".join(
-        (TOKEN_VERSION, key.key_id, str(tenant_id), _field(platform_account_id), lane, str(int(expires_at)), str(int(backend_pid)))
+        (TOKEN_VERSION, key.key_id, str(tenant_id), _field(platform_account_id), lane, str(int(expires_at)),
+         nonce or secrets.token_hex(16))
     )
     message = f"{body}\n{user_id or ''}\n{correlation_id or ''}".encode()
     return f"{body}.{hmac.new(key.secret, message, hashlib.sha256).hexdigest()}"

@@ -1,20 +1,26 @@
-"""Carrying the tenant context into each database transaction.
+"""Starting every database transaction clean, with the tenant context of the moment.
 
-A listener on the engine's ``begin`` event starts every transaction: it sends ``BEGIN`` and the
-context-setting call together in psycopg's pipeline mode, so the two cost one network round
-trip, as ``BEGIN`` alone would. (The driver runs in autocommit so that rtv-db, not psycopg,
-sends ``BEGIN``; psycopg's ``commit()`` and ``rollback()`` act on the server's transaction state.) The setter uses ``SET LOCAL``: the
-context ends with the transaction, and a pooled connection never carries it to the next checkout.
+A listener on the engine's ``begin`` event starts every transaction. It sends, in psycopg's
+pipeline mode so that they cost one network round trip as ``BEGIN`` alone would:
 
-In signed mode (the default) the listener mints a token for this connection's backend pid
-(asked once per physical connection, at connect; never a round trip per transaction) and calls
-``rtv.set_signed_context(token, user_id, correlation_id)``; see :mod:`rtv_db.signing`. In
-unsigned mode (``RTV_DB_CONTEXT_MODE=unsigned``, debugging only) it calls
-``rtv.set_tenant_context(...)`` with the plain ids.
+1. ``BEGIN`` naming the isolation level and access mode (a session default planted by SQL on the
+   connection cannot change them);
+2. ``SELECT rtv.clean_session()``: every setting back to the role's defaults, and no cursor,
+   prepared statement, LISTEN or sequence value left from an earlier transaction on the backend;
+3. the context: in signed mode (the default) ``rtv.set_signed_context(token, user_id,
+   correlation_id)`` with a token minted for this one transaction (see :mod:`rtv_db.signing`);
+   in unsigned mode (``RTV_DB_CONTEXT_MODE=unsigned``, debugging only)
+   ``rtv.set_tenant_context(...)`` with the plain ids.
+
+(The driver runs in autocommit so that rtv-db, not psycopg, sends ``BEGIN``; psycopg's
+``commit()`` and ``rollback()`` act on the server's transaction state.) None of these goes
+through a server-side prepared statement, which SQL on the same connection could redefine.
+Everything happens inside the transaction, so it holds behind PgBouncer's transaction pooling
+too, where each transaction may run on another backend.
 
 Which context: the ``rtv_tenant_context`` execution option of the connection when present (a
 tenant scope or tenant session sets it), otherwise the contextvar of the running task. With
-neither, nothing is set, and the database shows no rows and rejects writes.
+neither, no context is set, and the database shows no rows and rejects writes.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from sqlalchemy.util import await_
 from ..errors import ConfigurationError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
-__all__ = ["CONTEXT_OPTION", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
+__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
+PROBE_OPTION: Final = "rtv_connection_probe"
 
 
 class _System:
@@ -101,13 +108,8 @@ class ContextSetter:
             )
         return mode, keys[-1], ttl
 
-    def statement(self, driver: Any, ctx: TenantContext, backend_pid: int | None = None) -> tuple[str, tuple[Any, ...]]:
-        """The SQL and bind parameters that set ``ctx`` on ``driver`` (a psycopg connection).
-
-        ``backend_pid`` is the server's own answer, remembered at connect; psycopg's
-        ``driver.info.backend_pid`` is the fallback (a pooler such as PgBouncer hands the client
-        a made-up one).
-        """
+    def statement(self, ctx: TenantContext) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and bind parameters that set ``ctx`` in one transaction (a new token each call)."""
         mode, key, ttl = self._config()
         if mode == "unsigned":
             return _SET_UNSIGNED, context_params(ctx)
@@ -118,7 +120,6 @@ class ContextSetter:
             tenant_id=ctx.tenant_id,
             platform_account_id=ctx.platform_account_id,
             lane=ctx.lane,
-            backend_pid=backend_pid or driver.info.backend_pid,
             expires_at=int(time.time()) + ttl,
             user_id=ctx.user_id,
             correlation_id=ctx.correlation_id,
@@ -148,26 +149,7 @@ def _setter_for(engine: Engine) -> ContextSetter:
 
 def context_statement(conn: Connection, ctx: TenantContext) -> tuple[str, tuple[Any, ...]]:
     """The driver-level SQL and parameters that set ``ctx`` in ``conn``'s transaction."""
-    pooled = conn.connection
-    return _setter_for(conn.engine).statement(pooled.driver_connection, ctx, pooled.info.get(_PID_KEY))
-
-
-_PID_KEY: Final = "rtv_backend_pid"
-
-
-def _remember_backend_pid(dbapi_connection: Any, record: Any) -> None:
-    """Ask the server its backend pid once per physical connection (not per transaction).
-
-    Behind PgBouncer (session pooling) the pid in psycopg's ``info`` is the pooler's invention;
-    the token must name the real backend, which is what ``pg_backend_pid()`` compares with.
-    """
-    cursor = dbapi_connection.cursor()  # SQLAlchemy's adapter: works for the async driver too
-    try:
-        cursor.execute("SELECT pg_backend_pid()")
-        record.info[_PID_KEY] = cursor.fetchone()[0]
-    finally:
-        cursor.close()
-    dbapi_connection.rollback()
+    return _setter_for(conn.engine).statement(ctx)
 
 
 def _context_for(conn: Connection) -> TenantContext | None:
@@ -179,40 +161,67 @@ def _context_for(conn: Connection) -> TenantContext | None:
     return current_tenant_context()
 
 
+_CLEAN_SESSION: Final = "SELECT rtv.clean_session()"
+_READ_ONLY: Final = "SET TRANSACTION READ ONLY"
+
+Statements = list[tuple[str, "tuple[Any, ...] | None"]]
+
+
 def _begin_sql(driver: Any) -> str:
-    """``BEGIN`` with the isolation level and access mode the driver is configured for."""
-    parts = ["BEGIN"]
-    if driver.isolation_level is not None:
-        parts.append("ISOLATION LEVEL " + psycopg.IsolationLevel(driver.isolation_level).name.replace("_", " "))
-    if driver.read_only is not None:
-        parts.append("READ ONLY" if driver.read_only else "READ WRITE")
-    return " ".join(parts)
+    """``BEGIN`` naming the isolation level and ``READ WRITE``: never the session's defaults.
+
+    A read-only transaction turns read-only after its context is set (spending the token is a
+    write); see :func:`_statements_for`.
+    """
+    level = "READ_COMMITTED" if driver.isolation_level is None else psycopg.IsolationLevel(driver.isolation_level).name
+    return f"BEGIN ISOLATION LEVEL {level.replace('_', ' ')} READ WRITE"
 
 
-def _statements_for(conn: Connection, driver: Any) -> list[tuple[str, tuple[Any, ...] | None]]:
-    """What starts this transaction: our own BEGIN (when the driver leaves it to us) and the context."""
-    statements: list[tuple[str, tuple[Any, ...] | None]] = []
+def _statements_for(conn: Connection, driver: Any) -> Statements:
+    """What starts this transaction: BEGIN (when the driver leaves it to us), the clean session,
+    the context, and for a read-only transaction the switch to read-only."""
+    statements: Statements = []
     if driver.autocommit:
         # rtv-db's engines run the driver in autocommit and send BEGIN themselves, pipelined with
-        # the context: one round trip. (In psycopg's own transaction mode, its implicit BEGIN is
+        # the rest: one round trip. (In psycopg's own transaction mode, its implicit BEGIN is
         # synced before anything pipelined after it: two round trips.)
         statements.append((_begin_sql(driver), None))
+    if conn.get_execution_options().get(PROBE_OPTION):
+        return statements  # Database.test_connection(): reads server facts only, on any role
+    statements.append((_CLEAN_SESSION, None))
     ctx = _context_for(conn)
     if ctx is not None:
         statements.append(context_statement(conn, ctx))
+    if driver.read_only:
+        statements.append((_READ_ONLY, None))
     return statements
 
 
-def _send_sync(driver: psycopg.Connection[Any], statements: list[tuple[str, tuple[Any, ...] | None]]) -> None:
+def _forget_prepared(driver: Any) -> None:
+    """rtv.clean_session() deallocates every prepared statement: make psycopg forget its own.
+
+    Only with a ``prepare_threshold`` (rtv-db's default is None: nothing is ever prepared).
+    psycopg's cache is internal API, hence the guards; without this the cache would name
+    statements the server no longer has.
+    """
+    prepared = getattr(driver, "_prepared", None)
+    if prepared is not None and driver.prepare_threshold is not None:
+        prepared.clear()
+        getattr(prepared, "_to_flush", []).clear()  # the server side is done by clean_session
+
+
+def _send_sync(driver: psycopg.Connection[Any], statements: Statements) -> None:
+    _forget_prepared(driver)
     with driver.pipeline():
         for sql, params in statements:
-            driver.execute(sql, params)  # type: ignore[arg-type]
+            driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
 
 
-async def _send_async(driver: psycopg.AsyncConnection[Any], statements: list[tuple[str, tuple[Any, ...] | None]]) -> None:
+async def _send_async(driver: psycopg.AsyncConnection[Any], statements: Statements) -> None:
+    _forget_prepared(driver)
     async with driver.pipeline():
         for sql, params in statements:
-            await driver.execute(sql, params)  # type: ignore[arg-type]
+            await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
 
 
 def _on_begin(conn: Connection) -> None:
@@ -227,13 +236,17 @@ def _on_begin(conn: Connection) -> None:
             _send_sync(driver, statements)  # type: ignore[arg-type]
     except psycopg.errors.InvalidAuthorizationSpecification as exc:
         raise TenantContextRefusedError(str(exc).splitlines()[0]) from exc
+    except psycopg.errors.UndefinedFunction as exc:
+        conn.invalidate(exc)
+        raise ConfigurationError(
+            f"the database is not migrated for this version of rtv-db ({str(exc).splitlines()[0]}): run rtv-db migrate"
+        ) from exc
     except psycopg.Error as exc:
         # Sent on the driver, outside SQLAlchemy's execute: translate the error as SQLAlchemy would
-        # (sqlalchemy.exc.OperationalError, ...) and invalidate a lost connection, so that the
-        # caller sees the usual types and the pool drops the dead backend at once.
+        # (sqlalchemy.exc.OperationalError, ...). The connection leaves the pool: a transaction
+        # that could not start clean leaves a session nobody should reuse.
         lost = conn.dialect.is_disconnect(exc, driver, None)
-        if lost:
-            conn.invalidate(exc)
+        conn.invalidate(exc)
         sql, params = statements[-1]
         raise DBAPIError.instance(  # hide_parameters: the token does not belong in error messages or logs
             sql, params, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
@@ -249,6 +262,5 @@ def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
 def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     """Make every transaction on ``engine`` start with the current tenant context."""
     _SETTERS[_root(engine)] = ContextSetter(context_key)
-    event.listen(engine, "connect", _remember_backend_pid)
     event.listen(engine, "connect", _driver_autocommit)
     event.listen(engine, "begin", _on_begin)
