@@ -1,0 +1,320 @@
+"""Issue 11: nothing one transaction leaves on a connection reaches the next, and a token is
+useless outside the transaction that spent it.
+
+Every attack runs as the runtime role through rtv-db's own API (a one-connection pool, so that the
+attacker's and the victim's transactions share one backend, as they would in production). Each
+finding is first shown working against revision 0004 (the code before this change, driven the
+way rtv-db drove it: psycopg's default prepare threshold, no clean session, a token bound to the
+backend), so that the tests of the fix can fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from rtv_db import Database, EngineOptions, brand_kits, migrate, with_tenant_scope
+from rtv_db.audit import read_audit_trail
+from rtv_db.config import to_libpq_url
+from rtv_db.errors import TenantContextRefusedError
+from rtv_db.signing import load_keys, mint_token
+from rtv_db.targets import Target
+from rtv_db.tenant import _transaction
+
+from conftest import Cluster, Tenants, migrated_database
+
+
+def _one_backend(url: str, **options: Any) -> Database:
+    return Database(url, options=EngineOptions(pool_size=1, max_overflow=0, **options))
+
+
+@pytest.fixture()
+def shared(target: Target) -> Iterator[Database]:
+    """The runtime role's pool of one connection: every transaction below runs on one backend."""
+    db = _one_backend(target.runtime_url)
+    yield db
+    db.close()
+
+
+@pytest.fixture()
+def tokens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """The setter's parameters (token, user id, correlation id) of every transaction rtv-db starts
+    in this test, in order: what a thief would want."""
+    minted: list[tuple[Any, ...]] = []
+    original = _transaction.ContextSetter.statement
+
+    def recording(self: Any, ctx: Any) -> tuple[str, tuple[Any, ...]]:
+        sql, params = original(self, ctx)
+        minted.append(params)
+        return sql, params
+
+    monkeypatch.setattr(_transaction.ContextSetter, "statement", recording)
+    return minted
+
+
+def _attack(db: Database, tenant: uuid.UUID, *statements: str) -> list[Any]:
+    """SQL injected into one of ``tenant``'s requests: run inside its transaction, on its connection."""
+    results = []
+    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+        for statement in statements:
+            result = tx.connection.exec_driver_sql(statement)
+            results.append(result.fetchall() if result.returns_rows else None)
+    return results
+
+
+# -- the old behaviour (revision 0004), driven as rtv-db drove it ----------------------------------
+
+
+def _v1_token(tenant: uuid.UUID, pid: int, correlation_id: str = "") -> str:
+    key = load_keys()[-1]
+    body = f"v1.{key.key_id}.{tenant}.-.api.{int(time.time()) + 300}.{pid}"
+    mac = hmac.new(key.secret, f"{body}\n\n{correlation_id}".encode(), hashlib.sha256).hexdigest()
+    return f"{body}.{mac}"
+
+
+@pytest.fixture()
+def old_world(cluster: Cluster, template: str) -> Iterator[tuple[Target, Tenants]]:
+    """A database at revision 0004, with tenants A and B."""
+    from rtv_db.migrate import downgrade
+
+
+    with migrated_database(cluster, template) as t:
+        downgrade(t.require_admin(), cluster.settings, "0004")
+        a, b = uuid.uuid4(), uuid.uuid4()
+        with psycopg.connect(to_libpq_url(t.require_admin()), autocommit=True) as admin:
+            for tenant, name in ((a, "A"), (b, "B")):
+                admin.execute("INSERT INTO clients (id, name, slug) VALUES (%s, %s, %s)", (tenant, f"Client {name}", f"c-{tenant.hex[:8]}"))
+                admin.execute("INSERT INTO brand_kits (client_id, name) VALUES (%s, %s)", (tenant, f"Brand {name}"))
+        yield t, Tenants(a, b)
+        migrate(t.require_admin(), cluster.settings)
+
+
+def _old_begin(conn: psycopg.Connection, tenant: uuid.UUID, correlation_id: str = "") -> None:
+    conn.execute("BEGIN")
+    conn.execute("SELECT rtv.set_signed_context(%s::text, %s::text, %s::text)",
+                 (_v1_token(tenant, conn.info.backend_pid, correlation_id), None, correlation_id))
+
+
+def test_control_on_0004_a_hijacked_prepared_statement_steals_and_replays_a_token(old_world):
+    target, t = old_world
+    with psycopg.connect(to_libpq_url(target.runtime_url), autocommit=True, prepare_threshold=5) as conn:
+        for _ in range(6):  # B's ordinary traffic: psycopg prepares the setter as _pg3_0
+            _old_begin(conn, t.b)
+            conn.execute("COMMIT")
+        (name,) = conn.execute("SELECT name FROM pg_prepared_statements WHERE statement LIKE %s",
+                               ("%set_signed_context%",), prepare=False).fetchone()
+        # A's injected SQL redefines it: still the real setter, plus a copy of its parameters.
+        _old_begin(conn, t.a)
+        conn.execute(f"DEALLOCATE {name}", prepare=False)
+        conn.execute(f"PREPARE {name}(text, text, text) AS SELECT rtv.set_signed_context($1, $2, $3), "
+                     "set_config('loot.token', coalesce(nullif(current_setting('loot.token', true), ''), $1), false)",
+                     prepare=False)
+        conn.execute("COMMIT")
+        _old_begin(conn, t.b)  # B runs A's version and notices nothing
+        assert [r[0] for r in conn.execute("SELECT name FROM brand_kits")] == ["Brand B"]
+        conn.execute("COMMIT")
+        # A's next request on that backend: the loot, replayed through the real setter
+        _old_begin(conn, t.a)
+        stolen = conn.execute("SELECT current_setting('loot.token')", prepare=False).fetchone()[0]
+        conn.execute("COMMIT")
+        conn.execute("BEGIN")
+        conn.execute("SELECT rtv.set_signed_context(%s, NULL, NULL)", (stolen,), prepare=False)
+        assert [r[0] for r in conn.execute("SELECT name FROM brand_kits", prepare=False)] == ["Brand B"]
+        conn.execute("ROLLBACK")
+
+
+def test_control_on_0004_planted_session_state_outlives_the_transaction(old_world):
+    target, t = old_world
+    with psycopg.connect(to_libpq_url(target.runtime_url), autocommit=True) as conn:
+        _old_begin(conn, t.a)
+        conn.execute("SET search_path = pg_catalog")
+        conn.execute("COMMIT")
+        _old_begin(conn, t.b)
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("SELECT name FROM brand_kits")
+        conn.execute("ROLLBACK")
+
+
+def test_control_on_0004_audit_labels_can_be_forged(old_world):
+    target, t = old_world
+    with psycopg.connect(to_libpq_url(target.runtime_url), autocommit=True) as conn:
+        _old_begin(conn, t.a, correlation_id="real")
+        conn.execute(
+            "WITH ins AS (INSERT INTO brand_kits (client_id, name) VALUES (%s, 'forged') RETURNING id) "
+            "SELECT set_config('app.current_user_id', 'someone-else', true), "
+            "set_config('app.correlation_id', 'spoofed', true) FROM ins", (t.a,))
+        conn.execute("COMMIT")
+    with psycopg.connect(to_libpq_url(target.require_admin())) as admin:
+        labels = admin.execute("SELECT user_id, correlation_id FROM audit_events WHERE table_name = 'brand_kits' "
+                               "AND client_id = %s AND action = 'INSERT' ORDER BY occurred_at DESC LIMIT 1", (t.a,)).fetchone()
+    assert labels == ("someone-else", "spoofed")
+
+
+# -- finding 1 and 2: prepared statements ---------------------------------------------------------
+
+
+def test_rtv_db_prepares_nothing_on_the_server(shared, tenants):
+    scope = with_tenant_scope(shared, tenants.b)
+    for _ in range(12):
+        scope.scoped_query(brand_kits)
+    with scope.scoped_transaction() as tx:
+        assert tx.connection.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
+
+
+@pytest.mark.parametrize("prepare_threshold", [None, 1])
+def test_a_planted_prepared_statement_never_runs_in_the_next_transaction(target, tenants, tokens, prepare_threshold):
+    db = _one_backend(target.runtime_url, prepare_threshold=prepare_threshold)
+    try:
+        b = with_tenant_scope(db, tenants.b)
+        for _ in range(6):
+            b.scoped_query(brand_kits)
+        # A plants every name psycopg could use, each copying what it is given into the session
+        plant = [f"PREPARE _pg3_{i}(text, text, text) AS SELECT set_config('loot.token', $1, false)" for i in range(40)]
+        _attack(db, tenants.a, "DEALLOCATE ALL", *plant)
+        kits = b.scoped_query(brand_kits)
+        assert [k.name for k in kits] == ["Brand B"]
+        with b.scoped_transaction() as tx:
+            conn = tx.connection
+            assert conn.exec_driver_sql("SELECT current_setting('loot.token', true)").scalar_one() in (None, "")
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '_pg3%%'"
+                                        ).scalar_one() == (0 if prepare_threshold is None else conn.exec_driver_sql(
+                                            "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql").scalar_one())
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("prepare_threshold", [None, 1])
+def test_a_hijacked_read_cannot_turn_into_a_write(target, tenants, system, prepare_threshold):
+    db = _one_backend(target.runtime_url, prepare_threshold=prepare_threshold)
+    try:
+        b = with_tenant_scope(db, tenants.b)
+        for _ in range(6):
+            b.scoped_query(brand_kits)
+        hijack = [f"PREPARE _pg3_{i} AS UPDATE brand_kits SET name = 'hijacked' RETURNING *" for i in range(40)]
+        _attack(db, tenants.a, "DEALLOCATE ALL", *hijack)
+        assert [k.name for k in b.scoped_query(brand_kits)] == ["Brand B"]
+        with system.transaction() as conn:
+            assert conn.execute(text("SELECT count(*) FROM brand_kits WHERE name = 'hijacked'")).scalar_one() == 0
+    finally:
+        db.close()
+
+
+# -- finding 3: settings, cursors, LISTEN, sequences ------------------------------------------------
+
+_PLANTED = {
+    "search_path": ("SET search_path = pg_catalog", "SHOW search_path", '"$user", public'),
+    "read only": ("SET default_transaction_read_only = on", "SHOW default_transaction_read_only", "off"),
+    "isolation": ("SET default_transaction_isolation = 'serializable'", "SHOW default_transaction_isolation", "read committed"),
+    "statement_timeout 0": ("SET statement_timeout = 0", "SHOW statement_timeout", "30s"),
+    "lock_timeout": ("SET lock_timeout = 1", "SHOW lock_timeout", "0"),
+    "planner": ("SET enable_indexscan = off", "SHOW enable_indexscan", "on"),
+    "hnsw.ef_search": ("SET hnsw.ef_search = 1", "SHOW hnsw.ef_search", "40"),
+    "app setting": ("SELECT set_config('app.tenant_token', 'planted', false)", "SELECT current_setting('app.tenant_token', true)", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(_PLANTED))
+def test_a_planted_setting_is_gone_in_the_next_transaction(shared, tenants, name):
+    plant, show, default = _PLANTED[name]
+    if name == "hnsw.ef_search":
+        _attack(shared, tenants.a, "SELECT '[1,2,3]'::vector <-> '[1,2,3]'::vector")  # loads pgvector's settings
+    before = _attack(shared, tenants.a, plant, show)[1][0][0]
+    assert before != default  # the plant took, for the rest of A's session...
+    after = _attack(shared, tenants.b, show)[0][0][0]
+    assert (after or "") == default, (name, after)  # ...and B's transaction starts clean
+    effective = _attack(shared, tenants.b, "SHOW transaction_read_only", "SHOW transaction_isolation")
+    assert [r[0][0] for r in effective] == ["off", "read committed"]  # BEGIN names both
+
+
+def test_a_planted_one_millisecond_statement_timeout_does_not_cancel_the_next_tenant(shared, tenants):
+    _attack(shared, tenants.a, "SET statement_timeout = 1")
+    scope = with_tenant_scope(shared, tenants.b)
+    for _ in range(50):
+        with scope.scoped_transaction() as tx:
+            assert tx.connection.exec_driver_sql("SELECT count(*) FROM brand_kits, pg_sleep(0.002)").scalar_one() == 1
+
+
+def test_cursors_listens_and_sequence_values_do_not_survive(shared, tenants):
+    _attack(shared, tenants.a, "DECLARE loot CURSOR WITH HOLD FOR SELECT 1", "LISTEN loot")
+    assert _attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 1  # the plant took
+    with with_tenant_scope(shared, tenants.b).scoped_transaction() as tx:
+        assert tx.connection.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one() == 0
+    # UNLISTEN, like LISTEN, takes effect at commit: from B's commit on, the channel is gone
+    assert _attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 0
+
+
+def test_a_planted_session_does_not_reach_a_no_context_transaction(shared, tenants):
+    _attack(shared, tenants.a, "SET search_path = pg_catalog")
+    with shared.engine.connect() as conn:
+        assert conn.execute(text("SHOW search_path")).scalar_one() == '"$user", public'
+        assert conn.execute(text("SELECT count(*) FROM brand_kits")).scalar_one() == 0  # no context: no rows
+
+
+def test_read_only_transactions_still_work(shared, tenants):
+    scope = with_tenant_scope(shared, tenants.a)
+    with shared.engine.connect() as conn:
+        conn = conn.execution_options(postgresql_readonly=True, **{_transaction.CONTEXT_OPTION: scope.context})
+        with conn.begin():
+            assert conn.execute(text("SELECT name FROM brand_kits")).scalars().all() == ["Brand A"]
+            assert conn.execute(text("SHOW transaction_read_only")).scalar_one() == "on"
+
+
+# -- the context is bound to the transaction ---------------------------------------------------------
+
+
+def test_a_stolen_token_is_refused_in_any_other_transaction(target, shared, tenants, tokens):
+    assert [k.name for k in with_tenant_scope(shared, tenants.b).scoped_query(brand_kits)] == ["Brand B"]
+    token, user_id, correlation_id = tokens[-1]
+    replay = f"SELECT rtv.set_signed_context('{token}', NULL, '{correlation_id}')"
+    assert user_id is None
+    # on the same backend (through the API's own connection) and on another one
+    with pytest.raises(Exception, match="replayed: the token was already used"):
+        _attack(shared, tenants.a, "COMMIT", "BEGIN", replay)
+    with psycopg.connect(to_libpq_url(target.runtime_url)) as other:
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification, match="replayed"):
+            other.execute(replay)
+
+
+def test_a_second_context_in_a_transaction_is_refused(shared, tenants):
+    fresh = mint_token(load_keys()[-1], tenant_id=tenants.b, platform_account_id=None, lane="api",
+                       expires_at=int(time.time()) + 60)
+    with pytest.raises(Exception, match="already has a tenant context"):
+        _attack(shared, tenants.a, f"SELECT rtv.set_signed_context('{fresh}', NULL, NULL)")
+    # the fresh token was not spent by the refusal: B itself could still use it
+    with psycopg.connect(to_libpq_url(shared.url.replace("postgresql+psycopg", "postgresql"))) as conn:
+        conn.execute("SELECT rtv.set_signed_context(%s, NULL, NULL)", (fresh,))
+        assert [r[0] for r in conn.execute("SELECT name FROM brand_kits")] == ["Brand B"]
+
+
+def test_a_token_set_as_a_plain_setting_is_ignored(target, tenants):
+    token = mint_token(load_keys()[-1], tenant_id=tenants.b, platform_account_id=None, lane="api",
+                       expires_at=int(time.time()) + 60)
+    with psycopg.connect(to_libpq_url(target.runtime_url)) as conn:
+        conn.execute("SELECT set_config('app.tenant_token', %s, true)", (token,))
+        assert conn.execute("SELECT rtv.current_tenant_id()").fetchone()[0] is None
+        assert conn.execute("SELECT count(*) FROM brand_kits").fetchone()[0] == 0
+
+
+# -- finding 6: audit labels ----------------------------------------------------------------------
+
+
+def test_audit_labels_come_from_the_signed_context(db, tenants):
+    from rtv_db import TenantContext
+
+    ctx = TenantContext(tenants.a, user_id="alice", correlation_id="real-corr")
+    scope = with_tenant_scope(db, ctx)
+    with scope.scoped_transaction() as tx:
+        kit_id = tx.connection.exec_driver_sql(
+            "WITH ins AS (INSERT INTO brand_kits (client_id, name) VALUES (%s, 'labelled') RETURNING id) "
+            "SELECT ins.id, set_config('app.current_user_id', 'someone-else', true), "
+            "set_config('app.correlation_id', 'spoofed', true) FROM ins", (str(tenants.a),)).first()[0]
+    [inserted] = read_audit_trail(scope, table="brand_kits", row_id=kit_id, action="INSERT").events
+    assert (inserted.user_id, inserted.correlation_id) == ("alice", "real-corr")
