@@ -1,4 +1,4 @@
-"""Issue 8: a tenant context that SQL injected on the runtime role cannot forge.
+"""Issues 8 and 11: a tenant context that SQL injected on the runtime role cannot forge or replay.
 
 Every attack here runs as the runtime role (``db`` or a raw psycopg connection on
 ``target.runtime_url``); the admin connection only inspects catalogs or flips the mode.
@@ -40,22 +40,25 @@ def runtime(target: Target) -> Iterator[psycopg.Connection]:
 
 
 def _token(conn: psycopg.Connection, tenant: uuid.UUID, *, key: ContextKey | None = None, account: uuid.UUID | None = None,
-           lane: str = "api", pid: int | None = None, expires_at: int | None = None, user_id: str | None = None,
+           lane: str = "api", expires_at: int | None = None, user_id: str | None = None,
            correlation_id: str | None = "corr-1") -> str:
     return mint_token(
         key or _key(), tenant_id=tenant, platform_account_id=account, lane=lane,
-        backend_pid=conn.info.backend_pid if pid is None else pid,
         expires_at=int(time.time()) + 300 if expires_at is None else expires_at,
         user_id=user_id, correlation_id=correlation_id,
     )
 
 
 def _with_token(conn: psycopg.Connection, token: str, user_id: str | None = None, correlation_id: str | None = "corr-1") -> None:
-    """Set a token as injected SQL would: set_config, bypassing the setter's own check."""
+    """Place a token as injected SQL would: set_config, bypassing the setter (which signed mode ignores)."""
     conn.execute("SELECT set_config('app.tenant_token', %s, true), set_config('app.current_user_id', %s, true),"
-                 " set_config('app.correlation_id', %s, true),"
-                 " set_config('app.tenant_token_xact', extract(epoch FROM now())::text, true)",
+                 " set_config('app.correlation_id', %s, true)",
                  (token, user_id or "", correlation_id or ""))
+
+
+def _spend(conn: psycopg.Connection, token: str, user_id: str | None = None, correlation_id: str | None = "corr-1") -> None:
+    """Set a token through the setter, the only way a context is made."""
+    conn.execute("SELECT rtv.set_signed_context(%s, %s, %s)", (token, user_id, correlation_id))
 
 
 def _names(conn: psycopg.Connection) -> list[str]:
@@ -74,11 +77,9 @@ def test_signed_context_is_the_default_and_scopes_work(db, tenants, admin_conn):
     assert [r.name for r in with_tenant_scope(db, tenants.a).scoped_query(brand_kits)] == ["Brand A"]
     assert [r.name for r in with_tenant_scope(db, tenants.b).scoped_query(brand_kits)] == ["Brand B"]
     with with_rls_context(db, tenants.a) as conn:
-        token = conn.execute(text("SELECT current_setting('app.tenant_token')")).scalar_one()
-        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        assert token.startswith(f"v1.{_key().key_id}.{tenants.a}.-.api.") and token.split(".")[6] == str(pid)
         assert conn.execute(text("SELECT rtv.current_tenant_id()")).scalar_one() == tenants.a
-        # the plain settings of the unsigned mode are empty: nothing but the token counts
+        # the token is not kept in any setting the transaction's SQL could read back
+        assert conn.execute(text("SELECT current_setting('app.tenant_token', true)")).scalar_one() in (None, "")
         assert conn.execute(text("SELECT current_setting('app.current_tenant_id', true)")).scalar_one() in (None, "")
 
 
@@ -195,11 +196,11 @@ def test_raw_setting_without_token_sees_nothing_and_cannot_write(runtime, tenant
 # -- forged, altered, stale and replayed tokens ---------------------------------------------------
 
 
-def test_a_valid_token_works_on_its_own_connection(runtime, tenants):
+def test_a_valid_token_works_through_the_setter_only(runtime, tenants):
     _with_token(runtime, _token(runtime, tenants.a))
-    assert _names(runtime) == ["Brand A"]
+    assert _names(runtime) == []  # a setting is not a context
     runtime.rollback()
-    runtime.execute("SELECT rtv.set_signed_context(%s, NULL, 'corr-1')", (_token(runtime, tenants.b),))
+    _spend(runtime, _token(runtime, tenants.b))
     assert _names(runtime) == ["Brand B"]
 
 
@@ -210,76 +211,86 @@ def _alter(token: str, index: int, value: str) -> str:
 
 
 @pytest.mark.parametrize("field,index", [("version", 0), ("key id", 1), ("tenant", 2), ("account", 3), ("lane", 4),
-                                         ("expiry", 5), ("pid", 6), ("mac", 7)])
+                                         ("expiry", 5), ("nonce", 6), ("mac", 7)])
 def test_a_token_altered_in_any_field_is_refused(runtime, tenants, field, index):
     good = _token(runtime, tenants.a)
     parts = good.split(".")
     replacement = {
-        0: "v2", 1: "other", 2: str(tenants.b), 3: str(uuid.uuid4()), 4: "browser",
-        5: str(int(parts[5]) + 3600), 6: str(int(parts[6]) + 1), 7: ("0" if parts[7][0] != "0" else "1") + parts[7][1:],
+        0: "v1", 1: "other", 2: str(tenants.b), 3: str(uuid.uuid4()), 4: "browser",
+        5: str(int(parts[5]) + 3600), 6: ("0" if parts[6][0] != "0" else "1") + parts[6][1:],
+        7: ("0" if parts[7][0] != "0" else "1") + parts[7][1:],
     }[index]
-    _with_token(runtime, _alter(good, index, replacement))
-    assert _current_tenant(runtime) is None
-    assert _names(runtime) == []
-    runtime.rollback()
     with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="refused"):
-        runtime.execute("SELECT rtv.set_signed_context(%s, NULL, 'corr-1')", (_alter(good, index, replacement),))
+        _spend(runtime, _alter(good, index, replacement))
+    runtime.rollback()
+    assert _current_tenant(runtime) is None and _names(runtime) == []
 
 
 @pytest.mark.parametrize("label", ["user", "correlation"])
-def test_a_changed_audit_label_voids_the_context(runtime, tenants, label):
-    _with_token(runtime, _token(runtime, tenants.a, user_id="alice"), user_id="alice")
+def test_a_changed_audit_label_voids_the_token(runtime, tenants, label):
+    token = _token(runtime, tenants.a, user_id="alice")
+    with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="bad signature"):
+        if label == "user":
+            _spend(runtime, token, user_id="mallory")
+        else:
+            _spend(runtime, token, user_id="alice", correlation_id="mallory")
+    runtime.rollback()
+    _spend(runtime, token, user_id="alice")  # the labels it was signed with: accepted (not spent by the refusals)
     assert _names(runtime) == ["Brand A"]
-    setting = "app.current_user_id" if label == "user" else "app.correlation_id"
-    runtime.execute(f"SET LOCAL {setting} = 'mallory'")
-    assert _names(runtime) == [] and _current_tenant(runtime) is None
+    # a label changed afterwards changes nothing: the context keeps the signed ones
+    runtime.execute("SET LOCAL app.current_user_id = 'mallory'")
+    assert runtime.execute("SELECT rtv.current_user_id()").fetchone()[0] == "alice"
 
 
-@pytest.mark.parametrize("token", ["", "v1", "garbage", "v1.a.b.c.d.e.f.g", "x" * 10_000, "v1..." + "." * 300])
-def test_malformed_tokens_read_as_no_context(runtime, tenants, token):
+@pytest.mark.parametrize("token", ["v1", "garbage", "v2.a.b.c.d.e.f.g", "x" * 10_000, "v2..." + "." * 300])
+def test_malformed_tokens_are_refused(runtime, tenants, token):
+    with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="malformed"):
+        _spend(runtime, token)
+    runtime.rollback()
     _with_token(runtime, token)
     assert _current_tenant(runtime) is None and _names(runtime) == []
 
 
 def test_a_token_signed_with_another_key_is_refused(runtime, tenants):
     for key in (generate_key(), ContextKey(_key().key_id, generate_key().secret)):
-        _with_token(runtime, _token(runtime, tenants.b, key=key))
-        assert _names(runtime) == []
+        with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="unknown or retired key|bad signature"):
+            _spend(runtime, _token(runtime, tenants.b, key=key))
         runtime.rollback()
 
 
 def test_an_expired_token_is_refused(runtime, tenants):
-    _with_token(runtime, _token(runtime, tenants.a, expires_at=int(time.time()) - 1))
-    assert _names(runtime) == []
-    runtime.rollback()
     with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="expired"):
-        runtime.execute("SELECT rtv.set_signed_context(%s, NULL, 'corr-1')",
-                        (_token(runtime, tenants.a, expires_at=int(time.time()) - 1),))
+        _spend(runtime, _token(runtime, tenants.a, expires_at=int(time.time()) - 1))
 
 
-def test_a_token_for_another_backend_is_refused(runtime, tenants):
-    _with_token(runtime, _token(runtime, tenants.a, pid=runtime.info.backend_pid + 1))
-    assert _names(runtime) == []
+def test_a_token_works_on_any_backend_but_only_once(target, tenants):
+    token = _token(None, tenants.b)  # type: ignore[arg-type]
+    with psycopg.connect(to_libpq_url(target.runtime_url)) as first, psycopg.connect(to_libpq_url(target.runtime_url)) as second:
+        _spend(second, token)  # minted without naming a backend: any backend takes it (behind a pooler too)
+        assert _names(second) == ["Brand B"]
+        second.commit()
+        with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="replayed"):
+            _spend(first, token)
+        first.rollback()
+        with pytest.raises(pg_errors.InvalidAuthorizationSpecification, match="replayed"):
+            _spend(second, token)
 
 
-def test_a_token_copied_from_a_live_session_is_useless_elsewhere(db, target, tenants):
+def test_a_live_token_cannot_be_read_or_reused_by_another_session(db, target, tenants):
     with with_rls_context(db, tenants.b) as victim:
-        stolen = victim.execute(text("SELECT current_setting('app.tenant_token')")).scalar_one()
-        correlation = victim.execute(text("SELECT current_setting('app.correlation_id')")).scalar_one()
         assert victim.execute(text(READ_NAMES)).scalars().all() == ["Brand B"]  # live and valid right now
+        assert victim.execute(text("SELECT current_setting('app.tenant_token', true)")).scalar_one() in (None, "")
         with psycopg.connect(to_libpq_url(target.runtime_url)) as attacker:
-            _with_token(attacker, stolen, correlation_id=correlation)
-            assert _names(attacker) == [] and _current_tenant(attacker) is None
-            # ...and no other session of the runtime role can see it in pg_stat_activity
-            queries = [r[0] or "" for r in attacker.execute("SELECT query FROM pg_stat_activity")]
-            assert not any(stolen in q for q in queries)
+            assert _current_tenant(attacker) is None
+            with pytest.raises(pg_errors.InsufficientPrivilege):  # other sessions' queries are hidden
+                attacker.execute("SELECT query FROM pg_stat_activity")
 
 
 def test_the_token_ends_with_the_transaction(db, tenants):
     with db.engine.connect() as conn:
         with conn.begin():
             set_tenant_context(conn, tenants.a)
-        assert conn.execute(text("SELECT current_setting('app.tenant_token', true)")).scalar_one() in (None, "")
+        assert conn.execute(text("SELECT rtv.current_tenant_id()")).scalar_one() is None
         assert conn.execute(text(READ_NAMES)).scalars().all() == []
 
 
@@ -304,12 +315,13 @@ def test_the_runtime_role_cannot_read_the_key(runtime, target, tenants):
             runtime.execute(stmt)
         runtime.rollback()
     assert runtime.execute("SELECT has_schema_privilege('rtv_secret', 'USAGE')").fetchone()[0] is False
-    _with_token(runtime, _token(runtime, tenants.a))
+    _spend(runtime, _token(runtime, tenants.a))
     # every function the runtime role may call with no argument: none returns anything key-like
     functions = runtime.execute(
         "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
         "WHERE n.nspname IN ('rtv', 'rtv_secret') AND p.pronargs = 0 AND p.prorettype <> 'trigger'::regtype "
-        "AND has_function_privilege(p.oid, 'EXECUTE')").fetchall()
+        "AND has_function_privilege(p.oid, 'EXECUTE') AND p.proname NOT IN ('clean_session', 'release_signed_context', "
+        "'clear_tenant_context')").fetchall()
     assert {"rtv.current_tenant_id()", "rtv.context_refusal()", "rtv.context_mode()"} <= {f[0] for f in functions}
     for (fn,) in functions:
         with runtime.transaction():
@@ -320,8 +332,8 @@ def test_the_runtime_role_cannot_read_the_key(runtime, target, tenants):
     assert secret not in sources and secret.upper() not in sources
     settings = runtime.execute("SELECT string_agg(coalesce(setting, ''), ' ') FROM pg_settings").fetchone()[0]
     assert secret not in settings
-    activity = runtime.execute("SELECT string_agg(coalesce(query, ''), ' ') FROM pg_stat_activity").fetchone()[0]
-    assert secret not in activity
+    with pytest.raises(pg_errors.InsufficientPrivilege):  # nor any session's query text
+        runtime.execute("SELECT query FROM pg_stat_activity")
 
 
 def test_the_system_role_cannot_read_the_key_either(system):
@@ -388,16 +400,16 @@ def test_downgrade_restores_the_unsigned_functions(empty_target, cluster):
     migrate(admin, cluster.settings)
 
 
-def test_a_token_planted_for_later_transactions_is_stale(runtime, tenants):
-    """Injected SQL keeps its own valid token session-wide on a pooled connection: the next
-    transaction (another tenant's request, or one with no context) must not inherit it."""
+def test_a_context_does_not_outlive_its_transaction(runtime, tenants):
+    """A context is the row its transaction spent: the next transaction on the same connection
+    (another tenant's request, or one with no context) has none, whatever the session holds."""
     token = _token(runtime, tenants.a)
-    runtime.execute("SELECT set_config('app.tenant_token', %s, false), set_config('app.correlation_id', 'corr-1', false),"
-                    " set_config('app.tenant_token_xact', extract(epoch FROM now())::text, false)", (token,))
-    assert _names(runtime) == ["Brand A"]  # inside the planting transaction: it is A's own context anyway
+    _spend(runtime, token)
+    runtime.execute("SELECT set_config('app.tenant_token', %s, false)", (token,))
+    assert _names(runtime) == ["Brand A"]
     runtime.commit()
-    assert runtime.execute("SELECT current_setting('app.tenant_token')").fetchone()[0] == token  # still there...
-    assert _names(runtime) == [] and _current_tenant(runtime) is None  # ...but refused
+    assert runtime.execute("SELECT current_setting('app.tenant_token')").fetchone()[0] == token  # planted...
+    assert _names(runtime) == [] and _current_tenant(runtime) is None  # ...and ignored
 
 
 def test_a_refusal_is_written_to_the_server_log(runtime, tenants, admin_conn):
@@ -407,8 +419,8 @@ def test_a_refusal_is_written_to_the_server_log(runtime, tenants, admin_conn):
     except psycopg.Error:
         pytest.skip("the server log is not readable through pg_read_file on this server")
     forged = _alter(_token(runtime, tenants.a), 2, str(tenants.b))
-    _with_token(runtime, forged)
-    assert _names(runtime) == []
+    with pytest.raises(pg_errors.InvalidAuthorizationSpecification):
+        _spend(runtime, forged)
     runtime.rollback()
     logged = ""
     for _ in range(50):  # the log is written asynchronously to the file
@@ -462,11 +474,12 @@ def test_planner_statistics_do_not_leak_the_key(runtime, admin_conn):
     assert admin_conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'rtv_secret'").fetchone()[0] > 0  # the control
 
 
-def test_the_token_names_the_servers_own_backend_pid(db, tenants):
-    with with_rls_context(db, tenants.a) as conn:
-        remembered = conn.connection.info["rtv_backend_pid"]
-        assert remembered == conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        assert conn.execute(text("SELECT split_part(current_setting('app.tenant_token'), '.', 7)")).scalar_one() == str(remembered)
+def test_every_transaction_gets_a_token_of_its_own(db, tenants, admin_conn):
+    for _ in range(3):
+        with with_rls_context(db, tenants.a) as conn:
+            assert conn.execute(text("SELECT rtv.current_tenant_id()")).scalar_one() == tenants.a
+    nonces = admin_conn.execute("SELECT nonce FROM rtv_secret.transaction_contexts WHERE tenant_id = %s", (tenants.a,)).fetchall()
+    assert len({n for (n,) in nonces}) == len(nonces) >= 3
 
 
 def test_random_single_character_changes_are_all_refused(runtime, tenants):
@@ -478,9 +491,9 @@ def test_random_single_character_changes_are_all_refused(runtime, tenants):
     for _ in range(150):
         i = rng.randrange(len(good))
         mutated = good[:i] + rng.choice([c for c in alphabet if c != good[i]]) + good[i + 1:]
-        with runtime.transaction():
-            _with_token(runtime, mutated)
-            assert _current_tenant(runtime) is None, mutated
+        with pytest.raises(pg_errors.InvalidAuthorizationSpecification):
+            _spend(runtime, mutated)
+        runtime.rollback()
 
 
 def test_unsigned_mode_is_set_by_migrate_and_reported(target, cluster, tenants, monkeypatch, admin_conn):
