@@ -10,6 +10,10 @@ rtv-db talks to PostgreSQL under three roles:
 * the **system** role (``rtv_system``): the explicit cross-tenant scope for seeding and
   maintenance. It bypasses RLS, so it is never the default and every use is logged.
 
+``rtv-db migrate`` also installs the runtime role's settings in the database
+(:meth:`Settings.runtime_role_settings`: the two timeouts, and bind parameters kept out of the
+server log), and the runtime-role guard refuses a connection whose role has any other.
+
 Without any URL the embedded server is used, and every URL is derived from it.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +30,144 @@ from sqlalchemy.engine import URL, make_url
 from ._paths import default_data_dir
 from .errors import ConfigurationError
 
-__all__ = ["Settings", "ROLE_NAME", "redact_url", "to_sqlalchemy_url", "to_libpq_url"]
+__all__ = [
+    "Settings",
+    "ROLE_NAME",
+    "DEFAULT_STATEMENT_TIMEOUT_MS",
+    "DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+    "runtime_role_settings",
+    "runtime_role_settings_from_env",
+    "OPTIONAL_ROLE_SETTINGS",
+    "RoleSettingsDiff",
+    "diff_role_settings",
+    "redact_url",
+    "to_sqlalchemy_url",
+    "to_libpq_url",
+]
 
 ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+# Environment variable -> Settings field, for the timeouts `migrate` installs as role settings.
+_TIMEOUT_ENV = {
+    "statement_timeout_ms": "RTV_DB_STATEMENT_TIMEOUT_MS",
+    "idle_in_transaction_timeout_ms": "RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+}
 
 
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None
+
+
+def _env_ms(name: str) -> int | None:
+    value = _env(name)
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r} is not a whole number of milliseconds") from None
+
+
+def _check_timeout(attr: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        env = _TIMEOUT_ENV.get(attr, attr)
+        raise ConfigurationError(
+            f"{attr}={value!r} ({env}) must be a positive number of milliseconds: 0 would let one "
+            "tenant's statement or open transaction run for ever"
+        )
+
+
+def runtime_role_settings(
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    idle_in_transaction_timeout_ms: int = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+) -> dict[str, str]:
+    """The runtime role's settings in the database, exactly as ``rtv-db migrate`` installs them.
+
+    Keys and values as PostgreSQL stores them in ``pg_db_role_setting.setconfig``
+    (``ALTER ROLE <runtime> IN DATABASE <db> SET key = value``). The timeouts are role settings,
+    not startup options, so that they hold behind a pooler. ``log_parameter_max_length`` and
+    ``log_parameter_max_length_on_error`` at 0 keep bind parameters (the signed tenant-context
+    token is one) out of the server log, whatever statement logging is on.
+    """
+    _check_timeout("statement_timeout_ms", statement_timeout_ms)
+    _check_timeout("idle_in_transaction_timeout_ms", idle_in_transaction_timeout_ms)
+    return {
+        "statement_timeout": str(int(statement_timeout_ms)),
+        "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout_ms)),
+        "log_parameter_max_length": "0",
+        "log_parameter_max_length_on_error": "0",
+    }
+
+
+# Role settings accepted besides the installed ones, with the only value allowed: `rtv-db migrate`
+# sets this one on a Citus coordinator (see citus.py).
+OPTIONAL_ROLE_SETTINGS = {"citus.propagate_set_commands": "local"}
+_SHOWN_VALUE = 60  # characters of a setting's value quoted in messages (the value is anyone's text)
+
+
+def _shown(key: str, value: str) -> str:
+    return f"{key}={value[:_SHOWN_VALUE]!r}" + ("..." if len(value) > _SHOWN_VALUE else "")
+
+
+def _parse_setconfig(entries: Iterable[str] | None) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for entry in entries or ():
+        key, _, value = str(entry).partition("=")
+        parsed[key] = value
+    return parsed
+
+
+@dataclass(frozen=True)
+class RoleSettingsDiff:
+    """How a role's ``pg_db_role_setting`` rows differ from what ``rtv-db migrate`` installs."""
+
+    for_every_database: dict[str, str]  # the row with setdatabase = 0: migrate installs none
+    unexpected: dict[str, str]  # keys of this database's row that rtv-db never installs
+    wrong: dict[str, tuple[str, str]]  # installed keys with another value: key -> (value, installed)
+    missing: dict[str, str]  # installed keys that are not there: key -> installed value
+
+    def __bool__(self) -> bool:
+        return bool(self.for_every_database or self.unexpected or self.wrong or self.missing)
+
+    def describe(self, *, missing: bool = True) -> list[str]:
+        """One phrase per difference, for messages."""
+        items = [f"{_shown(k, v)} for every database" for k, v in self.for_every_database.items()]
+        items += [f"{_shown(k, v)}, which rtv-db never installs" for k, v in self.unexpected.items()]
+        items += [f"{_shown(k, v)} (rtv-db installs {want!r})" for k, (v, want) in self.wrong.items()]
+        if missing:
+            items += [f"{k} missing (rtv-db installs {want!r})" for k, want in self.missing.items()]
+        return items
+
+
+def diff_role_settings(global_setconfig: Iterable[str] | None, database_setconfig: Iterable[str] | None,
+                       expected: Mapping[str, str]) -> RoleSettingsDiff:
+    """Compare a role's settings (``setconfig`` of its row for every database and of its row for
+    this database, each possibly None) with ``expected`` (:func:`runtime_role_settings`)."""
+    here = _parse_setconfig(database_setconfig)
+    return RoleSettingsDiff(
+        for_every_database=_parse_setconfig(global_setconfig),
+        unexpected={k: v for k, v in here.items() if k not in expected and OPTIONAL_ROLE_SETTINGS.get(k) != v},
+        wrong={k: (v, expected[k]) for k, v in here.items() if k in expected and v != expected[k]},
+        missing={k: v for k, v in expected.items() if k not in here},
+    )
+
+
+def runtime_role_settings_from_env() -> dict[str, str]:
+    """:func:`runtime_role_settings` with the timeouts of ``RTV_DB_STATEMENT_TIMEOUT_MS`` and
+    ``RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`` (defaults 30 s and 60 s).
+
+    What the runtime-role guard expects at connect: the application and ``rtv-db migrate`` must
+    see the same values (like the context key).
+    """
+    statement = _env_ms(_TIMEOUT_ENV["statement_timeout_ms"])
+    idle = _env_ms(_TIMEOUT_ENV["idle_in_transaction_timeout_ms"])
+    return runtime_role_settings(
+        DEFAULT_STATEMENT_TIMEOUT_MS if statement is None else statement,
+        DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS if idle is None else idle,
+    )
 
 
 @dataclass(frozen=True)
@@ -48,6 +183,9 @@ class Settings:
     runtime_password: str | None = None
     system_role: str = "rtv_system"
     system_password: str | None = None
+    # Installed by `migrate` as the runtime role's settings in the database (not startup options).
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+    idle_in_transaction_timeout_ms: int = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS
 
     def __post_init__(self) -> None:
         for attr in ("owner_role", "runtime_role", "system_role"):
@@ -58,6 +196,8 @@ class Settings:
                 )
         if len({self.owner_role, self.runtime_role, self.system_role}) != 3:
             raise ConfigurationError("owner, runtime and system roles must be three different roles")
+        for attr in _TIMEOUT_ENV:
+            _check_timeout(attr, getattr(self, attr))
 
     @classmethod
     def from_env(cls, *, admin_url: str | None = None, **overrides: object) -> "Settings":
@@ -73,8 +213,16 @@ class Settings:
             env_value = _env(f"RTV_DB_{key.upper()}")
             if env_value is not None:
                 values[key] = env_value
+        for attr, env_name in _TIMEOUT_ENV.items():
+            ms = _env_ms(env_name)
+            if ms is not None:
+                values[attr] = ms
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    def runtime_role_settings(self) -> dict[str, str]:
+        """What ``migrate`` installs for the runtime role in the database (see :func:`runtime_role_settings`)."""
+        return runtime_role_settings(self.statement_timeout_ms, self.idle_in_transaction_timeout_ms)
 
     @property
     def uses_embedded_server(self) -> bool:
