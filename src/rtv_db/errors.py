@@ -12,6 +12,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseConnectionError",
     "UnsafeRuntimeRoleError",
+    "RuntimeRoleSettingsError",
     "ServerError",
     "MigrationError",
     "CitusSignedContextError",
@@ -44,6 +45,15 @@ class UnsafeRuntimeRoleError(RtvDbError):
     """The application connection would bypass Row-Level Security.
 
     Raised when the runtime connection is a superuser, has BYPASSRLS, or owns a tenant table.
+    """
+
+
+class RuntimeRoleSettingsError(UnsafeRuntimeRoleError):
+    """The runtime role's settings are not exactly the ones ``rtv-db migrate`` installs.
+
+    The runtime role can change its own defaults (``ALTER ROLE current_user SET search_path =
+    pg_catalog``, or ``... IN DATABASE db SET statement_timeout = 0``), and every later connection
+    of every tenant inherits them. ``rtv-db migrate`` resets them; the message names the settings.
     """
 
 
