@@ -79,7 +79,8 @@ def _revision(conn: Connection) -> str | None:
 
 
 def _bootstrap(conn: Connection, settings: Settings) -> None:
-    """Roles, database grants and extensions: the part that needs the admin login."""
+    """Roles, database grants, the runtime role's settings and session hardening, extensions: the
+    part that needs the admin login."""
     dbapi = conn.connection.dbapi_connection
     database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
 
@@ -97,6 +98,8 @@ def _bootstrap(conn: Connection, settings: Settings) -> None:
         runtime_password=literal(settings.runtime_password),
         system_password=literal(settings.system_password),
         database=sql.Identifier(database),
+        statement_timeout_ms=sql.Literal(int(settings.statement_timeout_ms)),
+        idle_in_transaction_timeout_ms=sql.Literal(int(settings.idle_in_transaction_timeout_ms)),
     ).as_string(dbapi)
     conn.exec_driver_sql(rendered, execution_options={"no_parameters": True})
 
