@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from rtv_db import AsyncDatabase, Database, DatabaseConnectionError, UnsafeRuntimeRoleError
-from rtv_db.config import to_libpq_url
+from rtv_db.config import runtime_role_settings, to_libpq_url
 
 
 def test_test_connection_reports_the_runtime_role(db):
@@ -88,8 +88,13 @@ def test_engine_refuses_the_system_role(target):
 
 @pytest.fixture()
 def throwaway_role(target, admin_conn):
+    """A plain login role with the settings `rtv-db migrate` gives the runtime role in this database."""
     name = f"rtv_test_role_{uuid.uuid4().hex[:8]}"
     admin_conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+    database = admin_conn.execute("SELECT current_database()").fetchone()[0]
+    for key, value in runtime_role_settings().items():
+        admin_conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
+            sql.Identifier(name), sql.Identifier(database), sql.Identifier(key), sql.Literal(value)))
     yield name
     admin_conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
     admin_conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .config import Settings, describe_target, to_sqlalchemy_url
-from .errors import DatabaseConnectionError, UnsafeRuntimeRoleError
+from .config import Settings, describe_target, diff_role_settings, runtime_role_settings_from_env, to_sqlalchemy_url
+from .errors import DatabaseConnectionError, RuntimeRoleSettingsError, UnsafeRuntimeRoleError
 from .tenant._transaction import PROBE_OPTION
 
 __all__ = [
@@ -134,22 +134,62 @@ SELECT r.rolname,
                  SELECT 1 FROM pg_catalog.pg_class c2 WHERE c2.relowner = m.oid
                    AND c2.relnamespace NOT IN (SELECT oid FROM pg_catalog.pg_namespace
                                                WHERE nspname IN ('pg_catalog', 'information_schema'))
-                   AND c2.relkind IN ('r', 'p')))) AS escalations
+                   AND c2.relkind IN ('r', 'p')))) AS escalations,
+       (SELECT s.setconfig FROM pg_catalog.pg_db_role_setting s
+         WHERE s.setrole = r.oid AND s.setdatabase = 0) AS global_settings,
+       (SELECT s.setconfig FROM pg_catalog.pg_db_role_setting s
+         WHERE s.setrole = r.oid AND s.setdatabase = (SELECT d.oid FROM pg_catalog.pg_database d
+                                                      WHERE d.datname = pg_catalog.current_database()))
+         AS database_settings
 FROM pg_catalog.pg_roles r
 WHERE r.rolname = current_user
 """
 
+_QUERY_CANCELED = "57014"
 
-def check_runtime_role(dbapi_connection: Any) -> None:
-    """Raise :class:`UnsafeRuntimeRoleError` unless the connection's role is bound by RLS."""
+
+def _probe_role(dbapi_connection: Any) -> tuple[Any, ...]:
     # A DBAPI connection (SQLAlchemy's adapter for async drivers): plain cursor calls, no `with`.
     cur = dbapi_connection.cursor()
     try:
         cur.execute(_ROLE_CHECK)
-        name, is_super, bypass, owned, escalations = cur.fetchone()
+        row = cur.fetchone()
     finally:
         cur.close()
     dbapi_connection.rollback()
+    return tuple(row)
+
+
+def check_runtime_role(dbapi_connection: Any, expected_settings: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`UnsafeRuntimeRoleError` unless the connection's role is bound by RLS, and
+    :class:`RuntimeRoleSettingsError` unless its settings are exactly what ``rtv-db migrate``
+    installs (``expected_settings``; by default the timeouts of the environment, see
+    :func:`rtv_db.config.runtime_role_settings_from_env`).
+
+    One query, no extra round trip. ``ALTER ROLE current_user PASSWORD ...`` by the runtime role
+    cannot be seen here (nor prevented by PostgreSQL): new connections then fail to
+    authenticate, and ``rtv-db migrate`` sets the configured password again.
+    """
+    try:
+        row = _probe_role(dbapi_connection)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != _QUERY_CANCELED:
+            raise
+        # The role's own statement_timeout (say 1 ms, planted with ALTER ROLE) cancelled the probe:
+        # look again with a sane one to say why. The connection is refused either way.
+        dbapi_connection.rollback()
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute("SET statement_timeout = 10000")
+        finally:
+            cur.close()
+        _refuse_unsafe(_probe_role(dbapi_connection), expected_settings)
+        raise
+    _refuse_unsafe(row, expected_settings)
+
+
+def _refuse_unsafe(row: tuple[Any, ...], expected_settings: Mapping[str, str] | None) -> None:
+    name, is_super, bypass, owned, escalations, global_settings, database_settings = row
     problems = []
     if is_super:
         problems.append("is a superuser")
@@ -163,6 +203,18 @@ def check_runtime_role(dbapi_connection: Any) -> None:
         raise UnsafeRuntimeRoleError(
             f"refusing to use role {name!r} for the application: it {', '.join(problems)}. "
             "Row-Level Security would not bind it. Connect as the runtime role (rtv_app) instead."
+        )
+    if expected_settings is None:
+        expected_settings = runtime_role_settings_from_env()
+    diff = diff_role_settings(global_settings, database_settings, expected_settings)
+    if diff:
+        raise RuntimeRoleSettingsError(
+            f"refusing to use role {name!r} for the application: its settings are not the ones "
+            f"`rtv-db migrate` installs: {'; '.join(diff.describe())}. Every connection of every tenant "
+            "inherits a role's settings, and the runtime role can change its own (ALTER ROLE "
+            "current_user SET ...): run `rtv-db migrate` to put them back (with the application's "
+            "RTV_DB_STATEMENT_TIMEOUT_MS and RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS, if set), then "
+            "find out who changed them (`rtv-db verify` reports them too)."
         )
 
 
