@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from psycopg import sql
 
 from rtv_db.cli import cli
+from rtv_db.config import runtime_role_settings
 from rtv_db.verify import CHECKS, Finding, VerifyConfig, register_check, verify
 
 ALL_CODES = {
@@ -24,7 +25,8 @@ ALL_CODES = {
     "ROLE_MISSING", "ROLE_SUPERUSER", "ROLE_BYPASSRLS", "ROLE_OWNS_TABLE", "ROLE_TRUNCATE", "ROLE_CAN_CREATE",
     "ROLE_CAN_CREATE_TEMP", "ROLE_MEMBER_OF_PRIVILEGED", "KEY_WITHOUT_TENANT", "FK_NOT_TENANT_COMPOSITE",
     "INDEX_NO_TENANT_LEAD", "VIEW_NOT_SECURITY_INVOKER", "MATVIEW_OVER_TENANT", "SECDEF_NO_SEARCH_PATH",
-    "CONTEXT_UNSIGNED",
+    "CONTEXT_UNSIGNED", "ROLE_SETTINGS_UNEXPECTED", "ROLE_TIMEOUTS_MISSING", "ROLE_LOGS_PARAMETERS",
+    "ROLE_CAN_SIGNAL_SESSIONS", "ROLE_CAN_LOCK_ADVISORY", "ROLE_CAN_USE_LARGE_OBJECTS", "ROLE_CAN_READ_QUERY_TEXT",
 }
 
 
@@ -34,13 +36,21 @@ def codes(findings: list[Finding]) -> set[str]:
 
 @pytest.fixture()
 def role_factory(admin_conn: psycopg.Connection) -> Iterator:
-    """Create uniquely named throw-away roles; drop them (and what they own here) at the end."""
+    """Create uniquely named throw-away roles; drop them (and what they own here) at the end.
+
+    Each gets the settings `rtv-db migrate` gives the runtime role in this database (timeouts,
+    log parameters), so that a fresh one is clean.
+    """
     made: list[str] = []
+    database = admin_conn.execute("SELECT current_database()").fetchone()[0]
 
     def make(attributes: str = "LOGIN") -> str:
         name = f"rtv_vt_{uuid.uuid4().hex[:10]}"
         admin_conn.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(name)))
         made.append(name)
+        for key, value in runtime_role_settings().items():
+            admin_conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
+                sql.Identifier(name), sql.Identifier(database), sql.Identifier(key), sql.Literal(value)))
         return name
 
     yield make
