@@ -104,10 +104,17 @@ def _raw_sql(w: World, statement: str, *args: Any) -> None:
         conn.execute(statement, args)
 
 
-def _token(tenant: uuid.UUID, *, pid: int = 1, expired: bool = False) -> str:
-    """A token signed with the run's key, for backend ``pid`` (not the one _raw_sql will open)."""
+def _token(tenant: uuid.UUID, *, expired: bool = False) -> str:
+    """A token signed with the run's key."""
     return mint_token(load_keys()[-1], tenant_id=tenant, platform_account_id=None, lane="api",
-                      backend_pid=pid, expires_at=int(time.time()) + (-10 if expired else 300), correlation_id="c")
+                      expires_at=int(time.time()) + (-10 if expired else 300), correlation_id="c")
+
+
+def _replay(w: Any) -> None:
+    """Spend a token in one transaction (committed), then offer it again."""
+    token = _token(w.a)
+    _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", token)
+    _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", token)
 
 
 @dataclass(frozen=True)
@@ -270,8 +277,7 @@ CASES: list[Case] = [
          psycopg.errors.NullValueNotAllowed, "a token is required"),
     Case("sql-token-sqli", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, NULL)", "v1.k.' OR '1'='1"),
          psycopg.errors.InvalidAuthorizationSpecification, "refused"),
-    Case("sql-token-other-backend", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", _token(w.a, pid=1)),
-         psycopg.errors.InvalidAuthorizationSpecification, "another backend"),
+    Case("sql-token-replayed", _replay, psycopg.errors.InvalidAuthorizationSpecification, "replayed"),
     Case("sql-token-expired", lambda w: _raw_sql(w, "SELECT rtv.set_signed_context(%s, NULL, 'c')", _token(w.a, expired=True)),
          psycopg.errors.InvalidAuthorizationSpecification, "expired"),
     Case("sql-token-tampered-tenant",
