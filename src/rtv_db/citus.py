@@ -123,6 +123,15 @@ PLAIN_CONTEXT_READERS: dict[str, str] = {
             SELECT CASE WHEN lane IN ('api', 'browser') THEN lane END
             FROM current_setting('app.current_lane', true) AS lane
         $$""",
+    # The audit labels (migration 0005 made them read the spent token's row, on the coordinator).
+    "rtv.current_user_id()": """
+        CREATE OR REPLACE FUNCTION rtv.current_user_id() RETURNS text
+            LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+        AS $$ SELECT NULLIF(current_setting('app.current_user_id', true), '') $$""",
+    "rtv.current_correlation_id()": """
+        CREATE OR REPLACE FUNCTION rtv.current_correlation_id() RETURNS text
+            LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER
+        AS $$ SELECT NULLIF(current_setting('app.correlation_id', true), '') $$""",
 }
 _SECRET_SCHEMA = "rtv_secret"
 
