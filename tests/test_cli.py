@@ -31,3 +31,18 @@ def test_downgrade_needs_confirmation(target):
     result = CliRunner().invoke(cli, ["downgrade", "--database-url", target.require_admin(), "--yes"])
     assert result.exit_code == 0, result.output
     assert "-> base" in result.output
+
+
+def test_migrate_says_when_it_switches_the_context_mode(target, monkeypatch):
+    """Issue 11: a mode switch is a change, not "nothing to do"."""
+    runner = CliRunner()
+    url = target.require_admin()
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")
+    switched = runner.invoke(cli, ["migrate", "--database-url", url])
+    assert switched.exit_code == 0, switched.output
+    assert "nothing to do" not in switched.output
+    assert "context mode: signed -> unsigned" in switched.output and "RTV_DB_CONTEXT_MODE" in switched.output
+    monkeypatch.delenv("RTV_DB_CONTEXT_MODE")
+    back = runner.invoke(cli, ["migrate", "--database-url", url])
+    assert "context mode: unsigned -> signed" in back.output
+    assert "nothing to do" in runner.invoke(cli, ["migrate", "--database-url", url]).output

@@ -144,8 +144,15 @@ def migrate(ctx: click.Context, database_url: str | None, revision: str) -> None
     where = redact_url(target.require_admin())
     if result.changed:
         console.print(f"migrated {where}: {result.before or 'empty'} -> {result.after}", highlight=False)
-    else:
+    elif not result.context_changes:
         console.print(f"{where} is already at {result.after}: nothing to do", highlight=False)
+    else:
+        console.print(f"{where} is already at {result.after}", highlight=False)
+    for change in result.context_changes:
+        console.print(f"  {change}", highlight=False)
+    if any(change.startswith("context mode") for change in result.context_changes):
+        console.print("  set the same RTV_DB_CONTEXT_MODE for the application and restart it (in signed mode the "
+                      "database refuses an unsigned application's context)", highlight=False)
 
 
 @cli.command()

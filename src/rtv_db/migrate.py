@@ -45,6 +45,7 @@ class MigrationResult:
     before: str | None
     after: str | None
     citus_actions: tuple[str, ...] = ()  # what the Citus step did (empty on plain PostgreSQL)
+    context_changes: tuple[str, ...] = ()  # keys installed, a context mode switched
 
     @property
     def changed(self) -> bool:
@@ -125,12 +126,13 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 _bootstrap(conn, settings)
             conn.exec_driver_sql(f'SET LOCAL ROLE "{settings.owner_role}"')
             cfg = _alembic_config(conn, settings)
+            context_changes: list[str] = []
             if action == "upgrade":
                 command.upgrade(cfg, revision)
                 # The tenant context keys and mode (revision 0004), installed as the owner.
                 from .signing import install_context_config
 
-                install_context_config(conn, settings)
+                context_changes = install_context_config(conn, settings)
             else:
                 command.downgrade(cfg, revision)
             after = _revision(conn)
@@ -148,7 +150,8 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
     finally:
         engine.dispose()
     _log.info("%s %s -> %s", action, before, after)
-    return MigrationResult(before=before, after=after, citus_actions=tuple(actions))
+    return MigrationResult(before=before, after=after, citus_actions=tuple(actions),
+                           context_changes=tuple(context_changes))
 
 
 def migrate(admin_url: str, settings: Settings | None = None, revision: str = "head") -> MigrationResult:

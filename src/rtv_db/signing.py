@@ -229,28 +229,37 @@ def install_context_config(conn: Connection, settings: Settings | None = None) -
     """Install the configured keys and mode (run as the owner, by ``rtv-db migrate``).
 
     Generates the key file when no key is configured (signed mode). A key id already installed
-    with a different secret is an error, never silently replaced. Returns the installed key ids.
-    Does nothing before revision 0004.
+    with a different secret is an error, never silently replaced. Returns what changed, in words
+    (``"context mode: signed -> unsigned"``, ``"context key k... installed"``), empty when nothing
+    did. Does nothing before revision 0004.
     """
     if not _has_secret_schema(conn):
         return []
     mode = context_mode()
     keys = ensure_keys(settings) if mode == "signed" else load_keys(settings)
+    changes: list[str] = []
     for key in keys:
-        same = conn.execute(
+        inserted, same = conn.execute(
             text(
                 "INSERT INTO rtv_secret.context_keys (key_id, secret) VALUES (:id, :secret) "
                 "ON CONFLICT (key_id) DO UPDATE SET key_id = EXCLUDED.key_id "
-                "RETURNING secret = :secret"
+                "RETURNING xmax = 0, secret = :secret"
             ),
             {"id": key.key_id, "secret": key.secret},
-        ).scalar_one()
+        ).one()
         if not same:
             raise ConfigurationError(
                 f"context key {key.key_id!r} is installed with a different secret: rotate to a new key id instead"
             )
-    conn.execute(text("UPDATE rtv_secret.context_settings SET mode = :mode"), {"mode": mode})
-    return [k.key_id for k in keys]
+        if inserted:
+            changes.append(f"context key {key.key_id} installed")
+    previous = conn.execute(
+        text("UPDATE rtv_secret.context_settings s SET mode = :mode FROM rtv_secret.context_settings old "
+             "WHERE old.singleton RETURNING old.mode"), {"mode": mode}
+    ).scalar_one()
+    if previous != mode:
+        changes.append(f"context mode: {previous} -> {mode}")
+    return changes
 
 
 def installed_key_ids(conn: Connection) -> list[tuple[str, Any]]:
