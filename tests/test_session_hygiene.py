@@ -169,42 +169,37 @@ def test_rtv_db_prepares_nothing_on_the_server(shared, tenants):
         assert tx.connection.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
 
 
-@pytest.mark.parametrize("prepare_threshold", [None, 1])
-def test_a_planted_prepared_statement_never_runs_in_the_next_transaction(target, tenants, tokens, prepare_threshold):
-    db = _one_backend(target.runtime_url, prepare_threshold=prepare_threshold)
-    try:
-        b = with_tenant_scope(db, tenants.b)
-        for _ in range(6):
-            b.scoped_query(brand_kits)
-        # A plants every name psycopg could use, each copying what it is given into the session
-        plant = [f"PREPARE _pg3_{i}(text, text, text) AS SELECT set_config('loot.token', $1, false)" for i in range(40)]
-        _attack(db, tenants.a, "DEALLOCATE ALL", *plant)
-        kits = b.scoped_query(brand_kits)
-        assert [k.name for k in kits] == ["Brand B"]
-        with b.scoped_transaction() as tx:
-            conn = tx.connection
-            assert conn.exec_driver_sql("SELECT current_setting('loot.token', true)").scalar_one() in (None, "")
-            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '_pg3%%'"
-                                        ).scalar_one() == (0 if prepare_threshold is None else conn.exec_driver_sql(
-                                            "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql").scalar_one())
-    finally:
-        db.close()
+@pytest.fixture(params=[None, 1], ids=["nothing prepared", "prepare_threshold=1"])
+def warm(request: pytest.FixtureRequest, target: Target, tenants: Tenants) -> Iterator[Database]:
+    """A one-connection pool on which B has run enough reads for psycopg to prepare them (when
+    a threshold is set: then statements are prepared, but live for one transaction only)."""
+    db = _one_backend(target.runtime_url, prepare_threshold=request.param)
+    for _ in range(6):
+        with_tenant_scope(db, tenants.b).scoped_query(brand_kits)
+    yield db
+    db.close()
 
 
-@pytest.mark.parametrize("prepare_threshold", [None, 1])
-def test_a_hijacked_read_cannot_turn_into_a_write(target, tenants, system, prepare_threshold):
-    db = _one_backend(target.runtime_url, prepare_threshold=prepare_threshold)
-    try:
-        b = with_tenant_scope(db, tenants.b)
-        for _ in range(6):
-            b.scoped_query(brand_kits)
-        hijack = [f"PREPARE _pg3_{i} AS UPDATE brand_kits SET name = 'hijacked' RETURNING *" for i in range(40)]
-        _attack(db, tenants.a, "DEALLOCATE ALL", *hijack)
-        assert [k.name for k in b.scoped_query(brand_kits)] == ["Brand B"]
-        with system.transaction() as conn:
-            assert conn.execute(text("SELECT count(*) FROM brand_kits WHERE name = 'hijacked'")).scalar_one() == 0
-    finally:
-        db.close()
+def _plant(db: Database, tenant: uuid.UUID, body: str) -> None:
+    """A's injected SQL takes every name psycopg could use next for a statement of its own."""
+    _attack(db, tenant, "DEALLOCATE ALL", *(f"PREPARE _pg3_{i} AS {body}" for i in range(40)))
+
+
+def test_a_planted_prepared_statement_never_runs_in_the_next_transaction(warm, tenants):
+    _plant(warm, tenants.a, "SELECT set_config('loot.token', 'planted-statement-ran', false)")
+    b = with_tenant_scope(warm, tenants.b)
+    assert [k.name for k in b.scoped_query(brand_kits)] == ["Brand B"]
+    with b.scoped_transaction() as tx:
+        conn = tx.connection
+        assert conn.exec_driver_sql("SELECT current_setting('loot.token', true)").scalar_one() in (None, "")
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements WHERE from_sql").scalar_one() == 0
+
+
+def test_a_hijacked_read_cannot_turn_into_a_write(warm, tenants, system):
+    _plant(warm, tenants.a, "UPDATE brand_kits SET name = 'hijacked' RETURNING *")
+    assert [k.name for k in with_tenant_scope(warm, tenants.b).scoped_query(brand_kits)] == ["Brand B"]
+    with system.transaction() as conn:
+        assert conn.execute(text("SELECT count(*) FROM brand_kits WHERE name = 'hijacked'")).scalar_one() == 0
 
 
 # -- finding 3: settings, cursors, LISTEN, sequences ------------------------------------------------
@@ -242,7 +237,7 @@ def test_a_planted_one_millisecond_statement_timeout_does_not_cancel_the_next_te
             assert tx.connection.exec_driver_sql("SELECT count(*) FROM brand_kits, pg_sleep(0.002)").scalar_one() == 1
 
 
-def test_cursors_listens_and_sequence_values_do_not_survive(shared, tenants):
+def test_cursors_and_listens_do_not_survive(shared, tenants):
     _attack(shared, tenants.a, "DECLARE loot CURSOR WITH HOLD FOR SELECT 1", "LISTEN loot")
     assert _attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 1  # the plant took
     with with_tenant_scope(shared, tenants.b).scoped_transaction() as tx:
