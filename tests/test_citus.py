@@ -39,7 +39,8 @@ SHARD_SUFFIX = re.compile(r"[a-z_]+_\d{5,}")
 TENANT_TABLES = {"platform_accounts", "brand_kits", "knowledge_bases", "knowledge_chunks", "platform_actions"}
 # The audit trail (migration 0003) is a tenant table too: distributed by client_id, co-located.
 DISTRIBUTED_TABLES = TENANT_TABLES | {"audit_events"}
-READERS = {"rtv.current_tenant_id()", "rtv.current_platform_account_id()", "rtv.current_lane()"}
+READERS = {"rtv.current_tenant_id()", "rtv.current_platform_account_id()", "rtv.current_lane()",
+           "rtv.current_user_id()", "rtv.current_correlation_id()"}
 
 
 def _admin_engine(url: str):  # noqa: ANN202

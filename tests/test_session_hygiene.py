@@ -313,3 +313,54 @@ def test_audit_labels_come_from_the_signed_context(db, tenants):
             "set_config('app.correlation_id', 'spoofed', true) FROM ins", (str(tenants.a),)).first()[0]
     [inserted] = read_audit_trail(scope, table="brand_kits", row_id=kit_id, action="INSERT").events
     assert (inserted.user_id, inserted.correlation_id) == ("alice", "real-corr")
+
+
+# -- a rolled-back transaction spends its token too ---------------------------------------------------
+
+_SETTER = "SELECT rtv.set_signed_context(%s, %s, %s)"
+
+
+def _roll_back_a_request(db: Database, tenant: uuid.UUID) -> None:
+    with pytest.raises(RuntimeError):
+        with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+            assert [k.name for k in tx.scoped_query(brand_kits)] == ["Brand B"]
+            raise RuntimeError("the request failed")
+
+
+def test_a_token_whose_transaction_rolled_back_cannot_be_replayed(target, shared, tenants, tokens):
+    _roll_back_a_request(shared, tenants.b)
+    with psycopg.connect(to_libpq_url(target.runtime_url)) as thief:
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification, match="replayed"):
+            thief.execute(_SETTER, tokens[-1])
+    # an error inside the transaction (the server aborts it) ends the same way
+    with pytest.raises(Exception, match="division by zero"):
+        _attack(shared, tenants.b, "SELECT 1/0")
+    with psycopg.connect(to_libpq_url(target.runtime_url)) as thief:
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification, match="replayed"):
+            thief.execute(_SETTER, tokens[-1])
+
+
+def test_control_without_the_spend_at_rollback_the_token_is_good_once_more(target, shared, tenants, tokens, monkeypatch):
+    monkeypatch.setattr(_transaction, "_SPEND_ROLLED_BACK", "SELECT %s::text, %s::text, %s::text")
+    _roll_back_a_request(shared, tenants.b)
+    with psycopg.connect(to_libpq_url(target.runtime_url)) as thief:
+        thief.execute(_SETTER, tokens[-1])  # the rollback took the spent row with it
+        assert [r[0] for r in thief.execute("SELECT name FROM brand_kits")] == ["Brand B"]
+
+
+def test_the_spend_rides_with_the_rollback(target, tenants):
+    from bench.wire import WireCounter
+
+    counter = WireCounter(target.runtime_url)
+    db = Database(counter.proxied_url(target.runtime_url), pool_pre_ping=False)
+    try:
+        with_tenant_scope(db, tenants.b).scoped_query(brand_kits)  # warm: connect, role check
+        before = counter.snapshot()
+        _roll_back_a_request(db, tenants.b)
+        spent = counter.snapshot().minus(before)
+        # BEGIN + clean + context, the SELECT, and ROLLBACK + the spend: three, like BEGIN/SELECT/ROLLBACK
+        assert spent.round_trips == 3, spent.transcript
+        assert spent.transcript[-1][0] == "ROLLBACK" and "spend_rolled_back_token" in spent.transcript[-1][1], spent.transcript
+    finally:
+        db.close()
+        counter.close()

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .connection import Database
 from .errors import InvalidInputError, TenantContextRefusedError
-from .tenant._transaction import CONTEXT_OPTION, context_statement
+from .tenant._transaction import CONTEXT_OPTION, context_statement, remember_token
 from .tenant.context import Lane, TenantContext, use_tenant_context
 
 __all__ = ["set_tenant_context", "clear_tenant_context", "get_current_tenant", "with_rls_context", "is_rls_enabled", "rls_status"]
@@ -35,8 +35,9 @@ def set_tenant_context(conn: Connection, tenant_id: uuid.UUID | str, platform_ac
     ctx = TenantContext(tenant_id, platform_account_id, lane, user_id, **extra)  # type: ignore[arg-type]
     if not conn.in_transaction():
         conn.begin()
-    # Signed (a token for this connection's backend) or, in unsigned mode, the plain ids.
+    # Signed (a token for this one transaction) or, in unsigned mode, the plain ids.
     sql, params = context_statement(conn, ctx)
+    remember_token(conn, sql, params)  # a rollback records it as spent
     try:
         conn.exec_driver_sql(sql, params)
     except DBAPIError as exc:

@@ -38,7 +38,7 @@ from sqlalchemy.util import await_
 from ..errors import ConfigurationError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
-__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
+__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
 PROBE_OPTION: Final = "rtv_connection_probe"
@@ -229,6 +229,8 @@ def _on_begin(conn: Connection) -> None:
     statements = _statements_for(conn, driver)
     if not statements:
         return
+    for sql, params in statements:
+        remember_token(conn, sql, params)
     try:
         if isinstance(driver, psycopg.AsyncConnection):
             await_(_send_async(driver, statements))
@@ -253,6 +255,47 @@ def _on_begin(conn: Connection) -> None:
         ) from exc
 
 
+# The setter parameters of the tokens the open transaction on a pooled connection has used.
+_OPEN_TOKENS: Final = "rtv_open_tokens"
+_SPEND_ROLLED_BACK: Final = "SELECT rtv.spend_rolled_back_token(%s::text, %s::text, %s::text)"
+
+
+def remember_token(conn: Connection, sql: str, params: tuple[Any, ...] | None) -> None:
+    """Note a token ``conn``'s transaction is about to spend (nothing for other statements)."""
+    if sql == _SET_SIGNED:
+        conn.connection.info.setdefault(_OPEN_TOKENS, []).append(params)
+
+
+def _on_commit(conn: Connection) -> None:
+    if not conn.invalidated:
+        conn.connection.info.pop(_OPEN_TOKENS, None)  # their rows are committed: the tokens are spent
+
+
+def _on_rollback(conn: Connection) -> None:
+    """Roll back and record the token as spent, in one round trip.
+
+    The rollback takes the spent row with it, which would make the token good for one more
+    transaction until it expires. Sent before SQLAlchemy's own rollback, which then finds the
+    connection idle and sends nothing. Any failure here is left to that rollback, which handles
+    a lost connection as it always does.
+    """
+    if conn.invalidated:
+        return
+    pooled = conn.connection
+    tokens = pooled.info.pop(_OPEN_TOKENS, None)
+    driver = pooled.driver_connection
+    if not tokens or driver is None or driver.closed:
+        return
+    statements: Statements = [("ROLLBACK", None), *((_SPEND_ROLLED_BACK, params) for params in tokens)]
+    try:
+        if isinstance(driver, psycopg.AsyncConnection):
+            await_(_send_async(driver, statements))
+        else:
+            _send_sync(driver, statements)  # type: ignore[arg-type]
+    except psycopg.Error:
+        pass
+
+
 def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
     """Leave transaction starts to :func:`_on_begin` (psycopg's commit and rollback still act on
     the server's transaction state, so COMMIT and ROLLBACK are sent as before)."""
@@ -264,3 +307,5 @@ def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     _SETTERS[_root(engine)] = ContextSetter(context_key)
     event.listen(engine, "connect", _driver_autocommit)
     event.listen(engine, "begin", _on_begin)
+    event.listen(engine, "commit", _on_commit)
+    event.listen(engine, "rollback", _on_rollback)

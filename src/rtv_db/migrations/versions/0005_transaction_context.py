@@ -27,9 +27,10 @@ From here on:
 
 The table is UNLOGGED: spending a token writes no WAL, so a read-only tenant transaction does not
 wait for a WAL flush at commit. After a server crash the table is empty, and a token minted
-before the crash could be spent once more until it expires (``RTV_DB_CONTEXT_TTL``). A token
-whose transaction rolled back is not recorded either (the row goes with the rollback): it can be
-spent once more until it expires. See docs/signed-context.md.
+before the crash could be spent once more until it expires (``RTV_DB_CONTEXT_TTL``). A rollback
+takes the row with it: rtv-db then records the nonce again with ``rtv.spend_rolled_back_token``,
+sent with the ROLLBACK; only a transaction whose connection is lost before it ends leaves its
+token unrecorded. See docs/signed-context.md.
 
 Revision ID: 0005
 Revises: 0004
@@ -300,6 +301,29 @@ def upgrade() -> None:
     END
     $$;
 
+    -- A token whose transaction rolled back took its row with it. rtv-db calls this right after
+    -- the ROLLBACK, in the same round trip, outside any transaction block: the nonce is recorded
+    -- as spent (by no transaction) so the token cannot be used again. Only a token with a valid
+    -- MAC is recorded, so the table cannot be filled with junk.
+    CREATE FUNCTION rtv.spend_rolled_back_token(
+        token text,
+        user_id text DEFAULT NULL,
+        correlation_id text DEFAULT NULL
+    ) RETURNS void
+        LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+    AS $$
+    DECLARE
+        claims rtv_secret.token_claims := rtv_secret.verify_token(token, user_id, correlation_id);
+    BEGIN
+        IF claims.refusal IS NULL THEN
+            INSERT INTO rtv_secret.transaction_contexts (nonce, xact, tenant_id, expires_at)
+            VALUES (claims.nonce, '0'::xid8, claims.tenant_id, claims.expires_at)
+            ON CONFLICT (nonce) DO NOTHING;
+        END IF;
+    END
+    $$;
+
     -- Ending the context for the rest of the transaction (rtv_db.clear_tenant_context). The
     -- nonce stays spent: the row is detached from the transaction, not deleted.
     CREATE FUNCTION rtv.release_signed_context() RETURNS void
@@ -326,10 +350,12 @@ def upgrade() -> None:
 
     REVOKE ALL ON FUNCTION rtv.set_signed_context(text, text, text), rtv.current_tenant_id(),
         rtv.current_platform_account_id(), rtv.current_lane(), rtv.current_user_id(),
-        rtv.current_correlation_id(), rtv.context_refusal(), rtv.release_signed_context() FROM PUBLIC;
+        rtv.current_correlation_id(), rtv.context_refusal(), rtv.release_signed_context(),
+        rtv.spend_rolled_back_token(text, text, text) FROM PUBLIC;
     GRANT EXECUTE ON FUNCTION rtv.set_signed_context(text, text, text), rtv.current_tenant_id(),
         rtv.current_platform_account_id(), rtv.current_lane(), rtv.current_user_id(),
-        rtv.current_correlation_id(), rtv.context_refusal(), rtv.release_signed_context() TO @runtime@, @system@;
+        rtv.current_correlation_id(), rtv.context_refusal(), rtv.release_signed_context(),
+        rtv.spend_rolled_back_token(text, text, text) TO @runtime@, @system@;
     """)
 
 
@@ -350,6 +376,7 @@ def downgrade() -> None:
     run(r"""
     DROP FUNCTION rtv.clean_session();
     DROP FUNCTION rtv.release_signed_context();
+    DROP FUNCTION rtv.spend_rolled_back_token(text, text, text);
     -- (Not TEMPORARY: TEMP is revoked in this database, for the owner too.)
     CREATE TABLE rtv.kept_context_keys AS SELECT key_id, secret, created_at FROM rtv_secret.context_keys;
     CREATE TABLE rtv.kept_context_mode AS SELECT mode FROM rtv_secret.context_settings;
