@@ -401,7 +401,8 @@ def _readers(conn: Connection) -> dict[str, tuple[str, bool]]:
     rows = conn.exec_driver_sql(
         "SELECT p.oid::regprocedure::text, p.prosrc, p.prosecdef FROM pg_proc p"
         " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'rtv'"
-        " AND p.proname IN ('current_tenant_id', 'current_platform_account_id', 'current_lane')")
+        " AND p.proname IN ('current_tenant_id', 'current_platform_account_id', 'current_lane', 'current_user_id',"
+        " 'current_correlation_id')")
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
@@ -441,7 +442,7 @@ def test_migrate_on_citus_refuses_signed_mode_before_anything(empty_target: Targ
 
 
 def test_plain_postgres_keeps_the_signed_readers(empty_target: Target) -> None:
-    # Without citus, migrate never replaces the readers: signed mode is exactly revision 0004's.
+    # Without citus, migrate never replaces the readers: signed mode is exactly the revisions' own.
     engine = _admin_engine(empty_target.require_admin())
     with engine.connect() as conn:
         assert citus.database_context_mode(conn) is None  # before revision 0004: no mode at all
@@ -472,7 +473,7 @@ def test_unsigned_mode_gets_plain_readers_and_keeps_isolation(target: Target, ad
         citus.apply_policy_rewrites(admin_sa, plan)
         citus.apply_audit_triggers(admin_sa, plan)
         actions = citus.apply_context_readers(admin_sa, plan)
-    assert len(actions) == 3
+    assert len(actions) == len(READERS)
     readers = _readers(admin_sa)
     assert all(not secdef and "rtv_secret" not in src and "current_setting('app." in src for src, secdef in readers.values())
     again = citus.plan_distribution(admin_sa)
