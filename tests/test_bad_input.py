@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import Column, MetaData, Table, text
+from sqlalchemy import Column, MetaData, Table, literal, or_, text
 
 from conftest import make_tenants, migrated_database
 from reliability_checks import assert_no_context_left, table_counts
@@ -264,6 +264,22 @@ CASES: list[Case] = [
          IIE, "nothing to update"),
     Case("update-without-where", lambda w: w.scope().scoped_update(brand_kits, {"name": "x"}), UnscopedWriteError, "needs a condition"),
     Case("delete-without-where", lambda w: w.scope().scoped_delete(brand_kits), UnscopedWriteError, "needs a condition"),
+    # A condition that is always true for the tenant is no condition (all_rows=True says it).
+    Case("update-literal-true", lambda w: w.scope().scoped_update(brand_kits, {"name": "x"}, literal(True)),
+         UnscopedWriteError, "always true for the tenant .it is a literal TRUE"),
+    Case("delete-text-true", lambda w: w.scope().scoped_delete(brand_kits, text("true")),
+         UnscopedWriteError, "mentions no column of brand_kits"),
+    Case("delete-id-is-not-null", lambda w: w.scope().scoped_delete(brand_kits, brand_kits.c.id.isnot(None)),
+         UnscopedWriteError, "brand_kits.id is never NULL"),
+    Case("update-column-equals-itself", lambda w: w.scope().scoped_update(brand_kits, {"name": "x"},
+                                                                          brand_kits.c.name == brand_kits.c.name),
+         UnscopedWriteError, "compares brand_kits.name with itself"),
+    Case("delete-or-true", lambda w: w.scope().scoped_delete(brand_kits, or_(brand_kits.c.name == "Brand A", text("1 = 1"))),
+         UnscopedWriteError, "a branch of its OR"),
+    Case("delete-tenant-column-only", lambda w: w.scope().scoped_delete(brand_kits, brand_kits.c.client_id == w.a),
+         UnscopedWriteError, "no column of brand_kits other than client_id"),
+    Case("update-all-rows-not-bool", lambda w: w.scope().scoped_update(brand_kits, {"name": "x"}, all_rows="yes"),
+         IIE, "all_rows must be True or False"),
     Case("where-raw-string", lambda w: w.scope().scoped_delete(brand_kits, "1=1"), sqlalchemy.exc.ArgumentError, "text"),
     Case("table-name-string", lambda w: w.scope().scoped_query("brand_kits"), IIE, "expected a table"),
     Case("table-not-tenant", lambda w: w.scope().scoped_query(Table("t", MetaData(), Column("id"))), IIE, "not a tenant table"),

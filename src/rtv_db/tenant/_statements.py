@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Select, Table, bindparam, delete, insert, select, update
+from sqlalchemy import JSON, Column, ColumnElement, Select, Table, and_, bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
-from sqlalchemy.sql.elements import True_
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import AsBoolean, BinaryExpression, BindParameter, BooleanClauseList, Grouping, Null, True_
 from sqlalchemy.orm import DeclarativeBase
 
 from ..errors import CrossTenantWriteError, InvalidInputError, UnscopedWriteError
@@ -225,15 +226,88 @@ def build_insert(table: Table, ctx: TenantContext, values: Mapping[str, Any] | S
     return insert(table).returning(*table.c), [stamp(table, ctx, row) for row in rows]
 
 
-def _require_condition(verb: str, table: Table, where: Sequence[Any]) -> None:
-    """An update or delete needs a real condition: none, or only literal TRUEs, is refused."""
+_ALL_ROWS_HINT = ("pass a condition that selects rows by a column of the table (e.g. table.c.id == ...), "
+                  "or all_rows=True to change every row of this tenant")
+
+
+def _table_columns(expr: Any, table: Table, ignore: frozenset[str]) -> set[str]:
+    """Names of ``table``'s columns that ``expr`` mentions, other than those in ``ignore``."""
+    found: set[str] = set()
+    for element in visitors.iterate(expr):
+        if isinstance(element, Column) and element.table is table and element.key not in ignore:
+            found.add(element.key)
+    return found
+
+
+def _unrestricted(expr: Any, table: Table, ignore: frozenset[str]) -> str | None:
+    """Why ``expr`` does not restrict ``table``'s rows for the tenant, or None when it may.
+
+    Pragmatic, not a prover: a condition is refused when SQLAlchemy folds it to TRUE, when it is a
+    literal TRUE, when it mentions no column of the table other than those the scope fixes
+    (client_id, and platform_account_id and lane on tables scoped by account), when it is
+    ``col IS NOT NULL`` on a NOT NULL or primary-key column, or ``col = col``; an AND is refused
+    when every part is, an OR when any branch is. Anything else passes (``name <> 'x' OR name =
+    'x'`` does: it is an explicit choice, and still limited to the tenant's rows).
+    """
+    while isinstance(expr, Grouping):
+        expr = expr.element
+    if isinstance(expr, True_):
+        return "it is TRUE"
+    if isinstance(expr, AsBoolean) and expr.operator is operators.is_true:
+        return _unrestricted(expr.element, table, ignore)
+    if isinstance(expr, BindParameter) and expr.value is True:
+        return "it is a literal TRUE"
+    if isinstance(expr, BooleanClauseList):
+        parts = list(expr.clauses)
+        if expr.operator is operators.and_:
+            reasons = [_unrestricted(p, table, ignore) for p in parts]
+            return None if any(r is None for r in reasons) else ("every part of its AND is unrestricted: "
+                                                                  + "; ".join(r for r in reasons if r))
+        if expr.operator is operators.or_:
+            for part in parts:
+                reason = _unrestricted(part, table, ignore)
+                if reason is not None:
+                    return f"a branch of its OR is unrestricted ({reason})"
+            return None
+    if not _table_columns(expr, table, ignore):
+        fixed = f" other than {', '.join(sorted(ignore))}" if ignore else ""
+        return f"it mentions no column of {table.name}{fixed}"
+    if isinstance(expr, BinaryExpression):
+        left, right, op = expr.left, expr.right, expr.operator
+        if (op is operators.is_not and isinstance(right, Null) and isinstance(left, Column)
+                and left.table is table and (not left.nullable or left.primary_key)):
+            return f"{table.name}.{left.key} is never NULL"
+        if (op in (operators.eq, operators.ge, operators.le, operators.is_not_distinct_from)
+                and isinstance(left, Column) and isinstance(right, Column) and left.compare(right)):
+            return f"it compares {table.name}.{left.key} with itself"
+    return None
+
+
+def _require_condition(verb: str, table: Table, where: Sequence[Any], all_rows: bool = False) -> None:
+    """An update or delete needs a condition that restricts rows, unless ``all_rows=True``.
+
+    None, a literal TRUE, or a condition that is always true for the tenant by the rule of
+    :func:`_unrestricted` is refused with :class:`UnscopedWriteError`.
+    """
+    if all_rows is not False and all_rows is not True:
+        raise InvalidInputError(f"all_rows must be True or False, not {all_rows!r}")
+    if all_rows:
+        return
     real = [w for w in where if not (w is True or isinstance(w, True_))]
     if not real:
-        raise UnscopedWriteError(f"{verb} on {table.name} needs a condition; pass one (e.g. table.c.id == ...)")
+        raise UnscopedWriteError(f"{verb} on {table.name} needs a condition; {_ALL_ROWS_HINT}")
+    ignore = frozenset(c for c in _CONTEXT_COLUMNS if c in table.c and (c == "client_id" or "lane" in table.c))
+    if table.name == "clients":
+        ignore = frozenset({"id"})
+    reason = _unrestricted(and_(*where), table, ignore)
+    if reason is not None:
+        raise UnscopedWriteError(f"{verb} on {table.name}: the condition is always true for the tenant ({reason}); "
+                                 + _ALL_ROWS_HINT)
 
 
-def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], where: Sequence[ColumnElement[bool]]) -> ReturningUpdate[Any]:
-    _require_condition("scoped_update", table, where)
+def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], where: Sequence[ColumnElement[bool]],
+                 all_rows: bool = False) -> ReturningUpdate[Any]:
+    _require_condition("scoped_update", table, where, all_rows)
     _check_columns(table, values)
     if not values:
         raise InvalidInputError(f"nothing to update in {table.name}")
@@ -244,8 +318,9 @@ def build_update(table: Table, ctx: TenantContext, values: Mapping[str, Any], wh
     return update(table).where(*scope_predicates(table, ctx), *where).values(**values).returning(*table.c)
 
 
-def build_delete(table: Table, ctx: TenantContext, where: Sequence[ColumnElement[bool]]) -> ReturningDelete[Any]:
-    _require_condition("scoped_delete", table, where)
+def build_delete(table: Table, ctx: TenantContext, where: Sequence[ColumnElement[bool]],
+                 all_rows: bool = False) -> ReturningDelete[Any]:
+    _require_condition("scoped_delete", table, where, all_rows)
     if table.name == "clients":
         raise InvalidInputError("tenants are deleted by the system scope, not inside a tenant scope")
     return delete(table).where(*scope_predicates(table, ctx), *where).returning(*table.c)

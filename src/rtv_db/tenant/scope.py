@@ -81,15 +81,23 @@ class TenantScope(_ScopeBase[Database]):
         with self._connection() as conn:
             return list(conn.execute(stmt, rows)) if len(rows) > 1 else list(conn.execute(stmt.values(rows[0])))
 
-    def scoped_update(self, table: TableLike, values: Mapping[str, Any], *where: ColumnElement[bool]) -> list[Row[Any]]:
-        """Update this tenant's rows matching ``where`` (required); return the updated rows."""
-        stmt = build_update(resolve_table(table), self.context, values, where)
+    def scoped_update(self, table: TableLike, values: Mapping[str, Any], *where: ColumnElement[bool],
+                      all_rows: bool = False) -> list[Row[Any]]:
+        """Update this tenant's rows matching ``where``; return the updated rows.
+
+        ``where`` must restrict rows (a condition always true for the tenant is refused with
+        :class:`~rtv_db.UnscopedWriteError`); every row of the tenant only with ``all_rows=True``.
+        """
+        stmt = build_update(resolve_table(table), self.context, values, where, all_rows)
         with self._connection() as conn:
             return list(conn.execute(stmt))
 
-    def scoped_delete(self, table: TableLike, *where: ColumnElement[bool]) -> list[Row[Any]]:
-        """Delete this tenant's rows matching ``where`` (required); return the deleted rows."""
-        stmt = build_delete(resolve_table(table), self.context, where)
+    def scoped_delete(self, table: TableLike, *where: ColumnElement[bool], all_rows: bool = False) -> list[Row[Any]]:
+        """Delete this tenant's rows matching ``where``; return the deleted rows.
+
+        Like :meth:`scoped_update`: a restricting condition, or ``all_rows=True``.
+        """
+        stmt = build_delete(resolve_table(table), self.context, where, all_rows)
         with self._connection() as conn:
             return list(conn.execute(stmt))
 
@@ -164,13 +172,14 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
             result = await conn.execute(stmt, rows) if len(rows) > 1 else await conn.execute(stmt.values(rows[0]))
             return list(result)
 
-    async def scoped_update(self, table: TableLike, values: Mapping[str, Any], *where: ColumnElement[bool]) -> list[Row[Any]]:
-        stmt = build_update(resolve_table(table), self.context, values, where)
+    async def scoped_update(self, table: TableLike, values: Mapping[str, Any], *where: ColumnElement[bool],
+                            all_rows: bool = False) -> list[Row[Any]]:
+        stmt = build_update(resolve_table(table), self.context, values, where, all_rows)
         async with self._connection() as conn:
             return list(await conn.execute(stmt))
 
-    async def scoped_delete(self, table: TableLike, *where: ColumnElement[bool]) -> list[Row[Any]]:
-        stmt = build_delete(resolve_table(table), self.context, where)
+    async def scoped_delete(self, table: TableLike, *where: ColumnElement[bool], all_rows: bool = False) -> list[Row[Any]]:
+        stmt = build_delete(resolve_table(table), self.context, where, all_rows)
         async with self._connection() as conn:
             return list(await conn.execute(stmt))
 
