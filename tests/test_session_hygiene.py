@@ -24,7 +24,6 @@ from sqlalchemy import text
 from rtv_db import Database, EngineOptions, brand_kits, migrate, with_tenant_scope
 from rtv_db.audit import read_audit_trail
 from rtv_db.config import to_libpq_url
-from rtv_db.errors import TenantContextRefusedError
 from rtv_db.signing import load_keys, mint_token
 from rtv_db.targets import Target
 from rtv_db.tenant import _transaction
