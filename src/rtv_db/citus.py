@@ -60,7 +60,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Engine, event, text
 
 from .config import ROLE_NAME
-from .errors import CitusSignedContextError, MigrationError
+from .errors import CitusSignedContextError, CitusUnsupportedStatementError, MigrationError
 
 __all__ = [
     "TENANT_COLUMN",
@@ -433,6 +433,49 @@ def _distributed_function_oids(conn: Connection) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
+_FUNCTION_CALL = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+
+_SOURCES_SQL = text(
+    """
+    SELECT n.nspname || '.' || p.proname, p.prosrc
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = :schema
+    """
+)
+
+
+def _worker_function_names(conn: Connection, schema: str, function_schema: str, audited: bool) -> set[str]:
+    """The ``rtv`` functions the workers evaluate: those the policies call, the audit trigger
+    function, and what they call (transitively), by qualified name.
+
+    Only these are distributed. The others (the setters, ``rtv.context_mode()``, the purge, the
+    token functions) run on the coordinator, and several read ``rtv_secret``, which exists on
+    the coordinator only: creating them on a worker fails there (issue 12).
+    """
+    sources: dict[str, str] = {}
+    for name, source in conn.execute(_SOURCES_SQL, {"schema": function_schema}):
+        sources[name] = (sources.get(name, "") + "\n" + (source or ""))
+    for signature, definition in PLAIN_CONTEXT_READERS.items():  # what the workers will get
+        name = signature.split("(", 1)[0]
+        if name in sources:
+            sources[name] = definition
+    roots: set[str] = set()
+    for _table, _policy, using, check in conn.execute(_POLICIES_SQL, {"schema": schema}):
+        for expr in (using, check):
+            roots.update(f"{a}.{b}" for a, b in _FUNCTION_CALL.findall(expr or ""))
+    if audited:
+        roots.add(AUDIT_TRIGGER_FUNCTION)
+    needed: set[str] = set()
+    todo = [r for r in roots if r in sources]
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        todo.extend(f"{a}.{b}" for a, b in _FUNCTION_CALL.findall(sources[name]) if f"{a}.{b}" in sources)
+    return needed
+
+
 # ( SELECT rtv.current_tenant_id() AS current_tenant_id) -> rtv.current_tenant_id()
 _SCALAR_SUBSELECT = re.compile(
     r"\(\s*SELECT\s+((?:[A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*\(\))(?:\s+AS\s+[A-Za-z_][A-Za-z0-9_]*)?\s*\)",
@@ -576,8 +619,9 @@ def plan_distribution(
 
     functions: list[str] = []
     distributed_functions = _distributed_function_oids(conn) if citus else set()
+    needed = _worker_function_names(conn, schema, function_schema, bool(audit))
     for oid, signature in conn.execute(_FUNCTIONS_SQL, {"schema": function_schema}):
-        if int(oid) not in distributed_functions:
+        if signature.split("(", 1)[0] in needed and int(oid) not in distributed_functions:
             functions.append(signature)
 
     reference = _toposort([n for n in names if n not in tenant], edges)
@@ -711,6 +755,60 @@ def _role_has_propagation(conn: Connection, role: str) -> bool:
     return bool(row)
 
 
+# On Citus rtv.to_uuid_or_null is PL/pgSQL: the SQL form is inlined into its callers, and in a
+# modification of a distributed table (the audit trigger's INSERT on a worker) Citus evaluates
+# the stable sub-expression current_setting(...)::uuid by itself, ahead of the CASE guard:
+# `invalid input syntax for type uuid: ""` for every write without a platform account.
+_CITUS_TO_UUID = """
+    CREATE OR REPLACE FUNCTION rtv.to_uuid_or_null(value text) RETURNS uuid
+        LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+    BEGIN
+        IF value ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+            RETURN value::uuid;
+        END IF;
+        RETURN NULL;
+    END
+    $$"""
+
+
+def _apply_citus_to_uuid(conn: Connection) -> list[str]:
+    lang = conn.exec_driver_sql(
+        "SELECT l.lanname FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang"
+        " WHERE p.oid = to_regprocedure('rtv.to_uuid_or_null(text)')").scalar()
+    if lang is None or lang == "plpgsql":
+        return []
+    conn.exec_driver_sql(_CITUS_TO_UUID, execution_options={"no_parameters": True})
+    return ["function rtv.to_uuid_or_null(text): PL/pgSQL (not inlined: Citus would evaluate its cast unguarded)"]
+
+
+_PENDING_FKS_SQL = text(
+    """
+    SELECT con.conrelid::regclass::text, con.conname, pg_catalog.pg_get_constraintdef(con.oid)
+    FROM pg_catalog.pg_constraint con
+    WHERE con.contype = 'f' AND con.conrelid = ANY(CAST(:oids AS oid[])) AND con.confrelid = ANY(CAST(:oids AS oid[]))
+      AND (con.conrelid = ANY(CAST(:pending AS oid[])) OR con.confrelid = ANY(CAST(:pending AS oid[])))
+    ORDER BY 1, 2
+    """
+)
+
+
+def _drop_pending_foreign_keys(conn: Connection, plan: DistributionPlan) -> list[tuple[str, str, str]]:
+    """Drop the foreign keys between the plan's tables that touch a table still to distribute;
+    return (table, name, definition) of each, to add back afterwards."""
+    if not plan.pending:
+        return []
+    oid_of = {r[0]: int(r[1]) for r in conn.execute(
+        text("SELECT c.relname, c.oid FROM pg_catalog.pg_class c WHERE c.relnamespace = CAST(:s AS regnamespace)"),
+        {"s": plan.schema})}
+    oids = [oid_of[t.name] for t in plan.tables if t.name in oid_of]
+    pending = [oid_of[t.name] for t in plan.pending if t.name in oid_of]
+    keys = [(r[0], r[1], r[2]) for r in conn.execute(_PENDING_FKS_SQL, {"oids": oids, "pending": pending})]
+    for table, name, _definition in keys:
+        conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT {_ident(name)}")
+    return keys
+
+
 def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role: str,
                        allow_triggers: bool = False) -> list[str]:
     """Carry ``plan`` out on ``conn`` (inside the caller's transaction); return what was done.
@@ -736,10 +834,16 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
     actions += apply_audit_triggers(conn, plan)
     # Before the functions are distributed, so that the workers get the plain readers.
     actions += apply_context_readers(conn, plan)
+    actions += _apply_citus_to_uuid(conn)
     for signature in plan.functions:
         # No distribution argument: the function is created on every node and never delegated.
         conn.execute(text("SELECT create_distributed_function(CAST(:f AS regprocedure))"), {"f": signature})
         actions.append(f"function {signature} distributed")
+    # Citus refuses to distribute a table that a local table still references, and a foreign
+    # key from a distributed table to a local one: whatever the order, a pair of pending tables
+    # joined by a key cannot be distributed one at a time. The keys are dropped, the tables
+    # distributed, and the keys added back (validated on the shards), in this transaction.
+    held_keys = _drop_pending_foreign_keys(conn, plan)
     for t in plan.pending:
         table = _qualified(plan.schema, t.name)
         if t.kind == "reference":
@@ -753,6 +857,11 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
             )
             actions.append(f"{t.name}: distributed by {t.distribution_column}"
                            + (f", co-located with {t.colocate_with}" if t.colocate_with else ""))
+    for table, name, definition in held_keys:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD CONSTRAINT {_ident(name)} {definition}",
+                             execution_options={"no_parameters": True})
+    if held_keys:
+        actions.append(f"{len(held_keys)} foreign keys re-created on the distributed tables")
     if not _role_has_propagation(conn, runtime_role):
         database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
         conn.exec_driver_sql(
@@ -973,10 +1082,22 @@ def install_error_mapping(engine: Engine, *, known_names: Iterable[str] | None =
             _detect(dbapi_connection, state)
 
     @event.listens_for(engine, "handle_error")
-    def _unshard(context: Any) -> None:
+    def _unshard(context: Any) -> BaseException | None:
         if not state.citus:
-            return
+            return None
         for exc in (context.original_exception, context.sqlalchemy_exception):
             if exc is None or len(getattr(exc, "args", ())) != 1 or not isinstance(exc.args[0], str):
                 continue
             exc.args = (unshard_message(exc.args[0], state.names, generic=True),)
+        if _RLS_COPY in str(context.original_exception):
+            # INSERT ... SELECT pulled to the coordinator and sent to the shards as COPY.
+            typed = CitusUnsupportedStatementError(
+                "Citus runs this INSERT ... SELECT into a distributed table as COPY to the shards, and PostgreSQL"
+                " refuses COPY FROM into a table with row-level security; nothing was written. Use INSERT ..."
+                " VALUES with the rows (scoped_insert does), or select the rows first and insert them.")
+            typed.__cause__ = context.sqlalchemy_exception or context.original_exception
+            return typed
+        return None
+
+
+_RLS_COPY = "COPY FROM not supported with row-level security"

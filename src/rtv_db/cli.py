@@ -144,12 +144,16 @@ def migrate(ctx: click.Context, database_url: str | None, revision: str) -> None
     where = redact_url(target.require_admin())
     if result.changed:
         console.print(f"migrated {where}: {result.before or 'empty'} -> {result.after}", highlight=False)
-    elif not result.context_changes:
+    elif not result.context_changes and not result.citus_actions:
         console.print(f"{where} is already at {result.after}: nothing to do", highlight=False)
     else:
         console.print(f"{where} is already at {result.after}", highlight=False)
     for change in result.context_changes:
         console.print(f"  {change}", highlight=False)
+    if result.citus_actions:
+        console.print(f"  citus: {len(result.citus_actions)} distribution steps", highlight=False)
+    for action in result.citus_actions:
+        console.print(f"  citus: {action}", highlight=False)
     if any(change.startswith("context mode") for change in result.context_changes):
         console.print("  set the same RTV_DB_CONTEXT_MODE for the application and restart it (in signed mode the "
                       "database refuses an unsigned application's context)", highlight=False)
@@ -399,6 +403,45 @@ def key_generate() -> None:
 
     new = generate_key()
     click.echo(f"{new.key_id}:{new.hex}")
+
+
+# -- watchdog ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@database_url_option
+@click.option("--once", is_flag=True, help="One sweep, then exit (for cron or a test).")
+@click.option("--interval-ms", type=click.IntRange(min=1), default=None, help="Between sweeps (default 500).")
+@click.option("--max-lock-wait-ms", type=click.IntRange(min=1), default=None,
+              help="A backend waiting this long on a runtime-role lock ends the holder (default 5000).")
+@click.option("--max-transaction-ms", type=click.IntRange(min=1), default=None,
+              help="No runtime-role transaction lives longer (default 300000).")
+@click.option("--grace-ms", type=click.IntRange(min=0), default=None,
+              help="Added to the statement and idle-in-transaction timeouts (default 1000).")
+@click.pass_context
+@_fail_cleanly
+def watchdog(ctx: click.Context, database_url: str | None, once: bool, interval_ms: int | None,
+             max_lock_wait_ms: int | None, max_transaction_ms: int | None, grace_ms: int | None) -> None:
+    """End runtime-role transactions past the limits, even when they lifted their own timeouts."""
+    from .watchdog import WatchdogLimits, run_watchdog
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    limits = WatchdogLimits.from_settings(target.settings, interval_ms=interval_ms, max_lock_wait_ms=max_lock_wait_ms,
+                                          max_transaction_ms=max_transaction_ms, grace_ms=grace_ms)
+    console.print(f"rtv-db watchdog on {redact_url(target.require_admin())}: role {limits.runtime_role}, statement "
+                  f"{limits.statement_ms}+{limits.grace_ms} ms, idle {limits.idle_in_transaction_ms}+{limits.grace_ms} ms, "
+                  f"lock wait {limits.max_lock_wait_ms} ms, transaction {limits.max_transaction_ms} ms, "
+                  f"every {limits.interval_ms} ms", highlight=False)
+
+    def report(item: Any) -> None:
+        console.print(f"terminated backend {item.pid} ({item.reason}: {item.detail}; tenant {item.tenant_id or 'unknown'})",
+                      highlight=False)
+
+    try:
+        for _ in run_watchdog(target.require_admin(), limits, iterations=1 if once else None, on_termination=report):
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:

@@ -124,6 +124,12 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 citus.refuse_signed_context(context_mode())
             if action == "upgrade":
                 _bootstrap(conn, settings)
+            if on_citus:
+                # The revisions run as the owner, a NOLOGIN role: Citus would send their DDL to the
+                # workers over new connections as that role, which cannot log in there. They stay
+                # coordinator-local; the distribution step (as the admin) creates on the workers
+                # what the distributed tables and functions need.
+                conn.exec_driver_sql("SET LOCAL citus.enable_ddl_propagation TO off")
             conn.exec_driver_sql(f'SET LOCAL ROLE "{settings.owner_role}"')
             cfg = _alembic_config(conn, settings)
             context_changes: list[str] = []
