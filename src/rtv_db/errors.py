@@ -16,6 +16,7 @@ __all__ = [
     "ServerError",
     "MigrationError",
     "CitusSignedContextError",
+    "CitusUnsupportedStatementError",
     "TenantError",
     "InvalidTenantContextError",
     "MissingTenantContextError",
@@ -73,6 +74,16 @@ class CitusSignedContextError(MigrationError):
     than distributing a database whose every tenant query would fail or see no rows. Running
     Citus needs ``RTV_DB_CONTEXT_MODE=unsigned``, which reopens the forged-context hole of
     docs/signed-context.md; ``rtv-db verify`` reports it.
+    """
+
+
+class CitusUnsupportedStatementError(RtvDbError):
+    """Citus cannot run this statement under Row-Level Security; nothing was written.
+
+    ``INSERT ... SELECT`` into a distributed table whose rows Citus computes on the coordinator
+    is sent to the shards as ``COPY``, and PostgreSQL refuses ``COPY FROM`` into a table with
+    RLS. Use ``INSERT ... VALUES`` (one statement, many rows: what ``scoped_insert`` sends).
+    The original database error is ``__cause__``.
     """
 
 
