@@ -434,7 +434,7 @@ def watchdog(ctx: click.Context, database_url: str | None, once: bool, interval_
                   f"every {limits.interval_ms} ms", highlight=False)
 
     def report(item: Any) -> None:
-        console.print(f"terminated backend {item.pid} ({item.reason}: {item.detail}; tenant {item.tenant_id or 'unknown'})",
+        console.print(f"terminated backend {item.pid} from {item.client} ({item.reason}: {item.detail})",
                       highlight=False)
 
     try:
