@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-soak bench bench-smoke clean
+.PHONY: demo test test-citus test-soak bench bench-smoke clean
 
 $(BIN)/rtv-db: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(BIN)/rtv-db
 
 test: $(BIN)/rtv-db
 	$(BIN)/python -m pytest
+
+# The Citus tests and the isolation suite on a real 3-node Citus cluster: CITUS_URL, or (as root)
+# one stood up from ../shared/citus/cluster.sh (CITUS_DIR overrides) with a fresh database.
+test-citus: $(BIN)/rtv-db
+	PYTHON_BIN=$(BIN)/python bash .ci/test-citus
 
 test-soak: $(BIN)/rtv-db
 	$(BIN)/python -m pytest -m soak

@@ -113,9 +113,39 @@ def migrated_database(cluster: Cluster, template: str, prefix: str = "rtv_test")
         _drop(cluster, name)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--citus-url", default=None,
+        help="run the tests that use `target` against this Citus coordinator database (an admin URL),"
+             " migrated in unsigned mode; meant for tests/test_isolation.py (make test-citus)")
+
+
+@pytest.fixture(scope="session")
+def citus_database(request: pytest.FixtureRequest) -> Iterator[Target | None]:
+    """With --citus-url: that coordinator database, migrated (and distributed) once, unsigned."""
+    url = request.config.getoption("--citus-url")
+    if not url:
+        yield None
+        return
+    settings = Settings.from_env()
+    admin = to_sqlalchemy_url(url)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RTV_DB_CONTEXT_MODE", "unsigned")  # the one mode rtv-db supports on Citus
+        migrate(admin, settings)
+    yield Target(admin, settings.derived_runtime_url(admin), settings.derived_system_url(admin), settings)
+
+
 @pytest.fixture()
-def target(cluster: Cluster, template: str) -> Iterator[Target]:
-    """A fresh, migrated database of this test's own."""
+def target(request: pytest.FixtureRequest, citus_database: Target | None,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    """A fresh, migrated database of this test's own (with --citus-url: the shared Citus one,
+    whose tests tell their rows apart by their random tenants)."""
+    if citus_database is not None:
+        monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")  # engines resolve it at first use
+        yield citus_database
+        return
+    cluster: Cluster = request.getfixturevalue("cluster")
+    template: str = request.getfixturevalue("template")
     with migrated_database(cluster, template) as t:
         yield t
 
