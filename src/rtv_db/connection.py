@@ -229,6 +229,7 @@ def connect_error(url: str, exc: BaseException) -> DatabaseConnectionError:
 
 
 def _install(engine: Engine, url: str, *, check_role: bool, context_key: Any = None) -> None:
+    from ._constraints import install_constraint_errors
     from .citus import install_error_mapping
     from .tenant._transaction import install_context_hooks
 
@@ -249,6 +250,8 @@ def _install(engine: Engine, url: str, *, check_role: bool, context_key: Any = N
     install_context_hooks(engine, context_key)
     # On Citus, error messages name shards (brand_kits_102033): map them back to table names.
     install_error_mapping(engine)
+    # Unique and foreign-key violations as DuplicateError / ReferenceNotFoundError, without key values.
+    install_constraint_errors(engine)
 
 
 class Database:

@@ -7,6 +7,10 @@ to a 404 catches :class:`TenantAccessError`.
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError as _IntegrityError
+
 __all__ = [
     "RtvDbError",
     "ConfigurationError",
@@ -25,6 +29,14 @@ __all__ = [
     "CrossTenantWriteError",
     "UnscopedWriteError",
     "InvalidInputError",
+    "ConstraintViolationError",
+    "DuplicateError",
+    "ReferenceNotFoundError",
+    "StillReferencedError",
+    "InvalidJobPayloadError",
+    "TamperedJobPayloadError",
+    "ExpiredJobPayloadError",
+    "InvalidCursorError",
     "AuditError",
     "SyntheticDataExistsError",
 ]
@@ -126,6 +138,73 @@ class UnscopedWriteError(TenantError):
 
 class InvalidInputError(RtvDbError, ValueError):
     """Input that fails validation before reaching the database (unknown column, oversized value)."""
+
+
+class ConstraintViolationError(RtvDbError, _IntegrityError):
+    """PostgreSQL refused a write on a constraint; the transaction is rolled back.
+
+    Also a :class:`sqlalchemy.exc.IntegrityError` (code written for the raw error keeps
+    working), but its message is rtv-db's own: table, constraint and column *names*, never the
+    key values of PostgreSQL's DETAIL line. ``table``, ``constraint`` and ``columns`` carry the
+    names; ``orig`` is the driver's error (its DETAIL included: log it, never show it).
+    """
+
+    def __init__(self, message: str, *, table: str | None, constraint: str | None,
+                 columns: tuple[str, ...] = (), statement: str | None = None, orig: BaseException | None = None) -> None:
+        _IntegrityError.__init__(self, statement, None, orig or Exception(message), hide_parameters=True)
+        self.args = (message,)
+        self.message = message
+        self.table = table
+        self.constraint = constraint
+        self.columns = columns
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.message, self.table, self.constraint, self.columns))
+
+
+def _rebuild(cls: type[ConstraintViolationError], message: str, table: str | None, constraint: str | None,
+             columns: tuple[str, ...]) -> ConstraintViolationError:
+    return cls(message, table=table, constraint=constraint, columns=columns)
+
+
+class DuplicateError(ConstraintViolationError):
+    """A unique constraint (SQLSTATE 23505): this tenant already has a row with that key.
+
+    Every unique key of a tenant table includes ``client_id``, so the clash is always with one
+    of the tenant's own rows; the message names the columns, not their values.
+    """
+
+
+class ReferenceNotFoundError(ConstraintViolationError):
+    """A foreign key (SQLSTATE 23503) names a row that does not exist for this tenant.
+
+    Deliberately the same type and message for "no such row" and "another tenant's row": the
+    composite keys make both the same miss, and the error cannot tell them apart either.
+    """
+
+
+class StillReferencedError(ConstraintViolationError):
+    """A delete or key change left other rows of the tenant pointing at it (SQLSTATE 23503)."""
+
+
+class InvalidJobPayloadError(InvalidTenantContextError):
+    """A job payload from :meth:`TenantContext.to_dict` is malformed, tampered with, signed with
+    an unknown key, or expired. The subclasses say which; none of them runs the job."""
+
+
+class TamperedJobPayloadError(InvalidJobPayloadError):
+    """A job payload's signature does not match its fields (or its key is not configured here)."""
+
+
+class ExpiredJobPayloadError(InvalidJobPayloadError):
+    """A job payload is past its expiry."""
+
+
+class InvalidCursorError(InvalidInputError):
+    """A pagination cursor is malformed, tampered with, or was issued for another query or tenant."""
 
 
 class AuditError(RtvDbError):
