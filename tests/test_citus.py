@@ -793,3 +793,35 @@ def test_an_audited_write_on_citus_leaves_exactly_one_event(citus_target: Target
         db.close()
         system.close()
     assert deleted == 1 + 1 + 5  # the scoped delete, then the cascade: the seed kit and the five bulk kits
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_audit_purge_on_citus(citus_target: Target) -> None:
+    from rtv_db.audit import purge_audit_events
+    from rtv_db.errors import AuditError
+
+    system = SystemScope(citus_target.system_url, reason="citus purge test")  # type: ignore[arg-type]
+    db = Database(citus_target.runtime_url)
+    (a,) = make_tenants(system, f"P{uuid.uuid4().hex[:6]}")
+    try:
+        with_tenant_scope(db, a).scoped_insert(brand_kits, {"name": "to be purged"})
+        with system.transaction() as conn:
+            before = conn.execute(text("SELECT count(*) FROM audit_events WHERE client_id = :a"), {"a": a}).scalar()
+        assert before >= 2  # the seed kit and this one (events on the workers' shards)
+        # Nothing is that old; then everything up to now goes, on every shard.
+        assert purge_audit_events(citus_target.require_admin(), "30d") >= 0
+        with system.transaction() as conn:
+            assert conn.execute(text("SELECT count(*) FROM audit_events WHERE client_id = :a"), {"a": a}).scalar() == before
+        assert purge_audit_events(citus_target.require_admin(), "0s") >= before
+        with system.transaction() as conn:
+            assert conn.execute(text("SELECT count(*) FROM audit_events WHERE client_id = :a"), {"a": a}).scalar() == 0
+        # Only the admin (a member of the owner role) may purge; the system role may not.
+        with pytest.raises(AuditError, match="only the owner role or an admin"):
+            purge_audit_events(citus_target.system_url, "0s")  # type: ignore[arg-type]
+    finally:
+        with system.transaction() as conn:
+            conn.execute(text("DELETE FROM clients WHERE id = :a"), {"a": a})
+        db.close()
+        system.close()

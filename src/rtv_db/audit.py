@@ -260,6 +260,29 @@ def parse_age(value: str | timedelta) -> timedelta:
     return age
 
 
+def _purge_on_citus(conn: Any, age: timedelta) -> int:
+    """The purge on a Citus coordinator, as the admin login itself.
+
+    ``rtv.purge_audit_events`` cannot run there: as a SECURITY DEFINER function its multi-shard
+    DELETE would open connections to the workers as the owner role, which is NOLOGIN, and its
+    ``set_config`` cutoff is not propagated to the workers, where the retention policies run.
+    Here the admin login (checked as the function checks it: a member of the owner role) deletes
+    with the cutoff as a literal, and also sets it with a propagated ``SET LOCAL`` for the
+    retention policies of a non-superuser admin.
+    """
+    from .config import Settings
+
+    owner = Settings.from_env().owner_role
+    allowed = conn.execute(text("SELECT pg_has_role(session_user, CAST(:o AS regrole), 'USAGE')"), {"o": owner}).scalar()
+    if not allowed:
+        raise AuditError("only the owner role or an admin may purge audit events")
+    cutoff = conn.execute(text("SELECT clock_timestamp() - CAST(:age AS interval)"), {"age": age}).scalar_one()
+    conn.exec_driver_sql("SET LOCAL citus.propagate_set_commands TO 'local'")
+    conn.exec_driver_sql(f"SET LOCAL rtv.audit_purge_cutoff = '{cutoff.isoformat()}'")
+    result = conn.execute(text("DELETE FROM public.audit_events WHERE occurred_at < :cutoff"), {"cutoff": cutoff})
+    return int(result.rowcount)
+
+
 def purge_audit_events(admin_url: str, older_than: str | timedelta) -> int:
     """Delete every tenant's audit events older than ``older_than``; return how many.
 
@@ -271,6 +294,10 @@ def purge_audit_events(admin_url: str, older_than: str | timedelta) -> int:
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.begin() as conn:
+            from .citus import is_citus
+
+            if is_citus(conn):
+                return _purge_on_citus(conn, age)
             return int(conn.execute(text("SELECT rtv.purge_audit_events(:age)"), {"age": age}).scalar_one())
     except DBAPIError as exc:
         from .connection import connect_error
