@@ -1,13 +1,18 @@
 """The tenant context: who a unit of work is for, carried in a ``contextvars`` variable.
 
 Concurrent asyncio tasks and threads each see their own context. A background job gets its
-context explicitly: serialise it with :meth:`TenantContext.to_dict`, rebuild it with
-:meth:`TenantContext.from_dict`, and run the job inside :func:`use_tenant_context`.
+context explicitly: serialise it with :meth:`TenantContext.to_dict` (signed, with an expiry),
+verify and rebuild it with :meth:`TenantContext.from_dict`, and run the job inside
+:func:`use_tenant_context` or :func:`run_with_tenant_context`.
 """
 
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import hmac
+import json
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +35,8 @@ __all__ = [
 Lane = Literal["api", "browser"]
 LANES: tuple[str, ...] = ("api", "browser")
 _MAX_ID_LENGTH = 200
+DEFAULT_JOB_TTL = 3600  # seconds a job payload stays valid: time in the queue, not the job's run time
+_MAX_JOB_TTL = 30 * 86_400
 _T = TypeVar("_T")
 
 
@@ -98,24 +105,115 @@ class TenantContext:
         """The same context for one platform account (and lane)."""
         return replace(self, platform_account_id=platform_account_id, lane=lane or self.lane)  # type: ignore[arg-type]
 
-    def to_dict(self) -> dict[str, str | None]:
-        """A JSON-safe form, to hand the context to a background job."""
-        return {
+    def to_dict(self, *, ttl: int = DEFAULT_JOB_TTL, key: Any = None) -> dict[str, Any]:
+        """A signed, JSON-safe form, to hand the context to a background job.
+
+        The fields of the context, ``expires_at`` (epoch seconds, ``ttl`` from now), the id of
+        the key and an HMAC-SHA256 ``signature`` over all of them, made with a key derived from
+        the tenant context signing key (the last of :func:`rtv_db.signing.load_keys`, or ``key``).
+        A queue message that names another tenant, or any other change, fails
+        :meth:`from_dict`. The payload is signed, not encrypted: the ids stay readable.
+        """
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= _MAX_JOB_TTL:
+            raise InvalidTenantContextError(f"ttl must be 1 to {_MAX_JOB_TTL} seconds")
+        signing_key = _job_keys(key)[-1]
+        data: dict[str, Any] = {
+            "v": _JOB_PAYLOAD_VERSION,
             "tenant_id": str(self.tenant_id),
             "platform_account_id": str(self.platform_account_id) if self.platform_account_id else None,
             "lane": self.lane,
             "user_id": self.user_id,
             "correlation_id": self.correlation_id,
+            "expires_at": int(time.time()) + ttl,
+            "key_id": signing_key.key_id,
         }
+        data["signature"] = _job_signature(signing_key, data)
+        return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TenantContext":
-        """Rebuild (and re-validate) a context made by :meth:`to_dict`."""
-        unknown = set(data) - {"tenant_id", "platform_account_id", "lane", "user_id", "correlation_id"}
+    def from_dict(cls, data: Mapping[str, Any], *, key: Any = None, allow_unsigned: bool = False) -> "TenantContext":
+        """Verify and rebuild a context made by :meth:`to_dict`.
+
+        Raises :class:`~rtv_db.InvalidJobPayloadError` for a malformed payload,
+        :class:`~rtv_db.TamperedJobPayloadError` for a bad signature or a key this process does
+        not have, :class:`~rtv_db.ExpiredJobPayloadError` past its expiry (all of them
+        :class:`~rtv_db.InvalidTenantContextError`). ``allow_unsigned=True`` also accepts the
+        unsigned payloads of earlier rtv-db versions, to drain an old queue: only then, since an
+        unsigned payload acts as whichever tenant it names.
+        """
+        from ..errors import ExpiredJobPayloadError, InvalidJobPayloadError, TamperedJobPayloadError
+
+        if not isinstance(data, Mapping):
+            raise InvalidJobPayloadError(f"a job payload must be a mapping, not {type(data).__name__}")
+        unknown = set(data) - _CONTEXT_FIELDS - _SIGNATURE_FIELDS
         if unknown:
-            raise InvalidTenantContextError(f"unknown tenant context fields: {sorted(unknown)}")
-        kwargs = {k: v for k, v in data.items() if v is not None}
-        return cls(**kwargs)
+            raise InvalidJobPayloadError(f"unknown tenant context fields: {sorted(map(str, unknown))[:10]}"[:300])
+        if not _SIGNATURE_FIELDS & set(data):
+            if not allow_unsigned:
+                raise InvalidJobPayloadError(
+                    "the job payload is not signed (made by an earlier rtv-db, or by hand): create it with "
+                    "TenantContext.to_dict(), or pass allow_unsigned=True to drain an old queue"
+                )
+            if "tenant_id" not in data:
+                raise InvalidJobPayloadError("the job payload has no tenant_id")
+            return cls(**{k: v for k, v in data.items() if v is not None})
+        missing = sorted((_CONTEXT_FIELDS | _SIGNATURE_FIELDS) - set(data) - {"platform_account_id", "user_id"})
+        if missing:
+            raise InvalidJobPayloadError(f"the job payload lacks {', '.join(missing)}")
+        if data["v"] != _JOB_PAYLOAD_VERSION:
+            raise InvalidJobPayloadError(f"unknown job payload version {str(data['v'])[:20]!r}")
+        signature, key_id, expires_at = data["signature"], data["key_id"], data["expires_at"]
+        if not isinstance(signature, str) or not isinstance(key_id, str) or len(signature) != 64:
+            raise InvalidJobPayloadError("the job payload's signature or key_id is malformed")
+        if not isinstance(expires_at, int) or isinstance(expires_at, bool):
+            raise InvalidJobPayloadError("the job payload's expires_at is not an integer")
+        for name in _CONTEXT_FIELDS:
+            value = data.get(name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidJobPayloadError(f"the job payload's {name} must be a string, not {type(value).__name__}")
+        by_id = {k.key_id: k for k in _job_keys(key)}
+        signing_key = by_id.get(key_id)
+        if signing_key is None:
+            raise TamperedJobPayloadError("the job payload is signed with a key this process does not have")
+        if not hmac.compare_digest(_job_signature(signing_key, data), signature.lower()):
+            raise TamperedJobPayloadError("the job payload's signature does not match its fields: refused")
+        if expires_at < int(time.time()):
+            raise ExpiredJobPayloadError("the job payload has expired")
+        try:
+            return cls(**{k: data[k] for k in _CONTEXT_FIELDS if data.get(k) is not None})
+        except InvalidTenantContextError as exc:
+            raise InvalidJobPayloadError(f"the job payload's context is invalid: {exc}") from None
+
+
+_CONTEXT_FIELDS = frozenset({"tenant_id", "platform_account_id", "lane", "user_id", "correlation_id"})
+_SIGNATURE_FIELDS = frozenset({"v", "expires_at", "key_id", "signature"})
+_JOB_PAYLOAD_VERSION = 1
+_JOB_KEY_LABEL = b"rtv-db job payload v1"
+
+
+def _job_keys(explicit: Any) -> list[Any]:
+    """The context keys (the last signs); ``explicit`` (a ContextKey or ``"<id>:<hex>"``) instead."""
+    from .. import signing
+    from ..errors import ConfigurationError
+
+    if explicit is not None:
+        return [signing.parse_keys(explicit, where="key")[-1] if isinstance(explicit, str) else explicit]
+    keys = signing.load_keys()
+    if not keys:
+        raise ConfigurationError(
+            "no tenant context key to sign or verify job payloads: set RTV_DB_CONTEXT_KEY or "
+            "RTV_DB_CONTEXT_KEY_FILE, or run `rtv-db migrate` (see docs/signed-context.md)"
+        )
+    return keys
+
+
+def _job_signature(key: Any, data: Mapping[str, Any]) -> str:
+    """HMAC-SHA256 over the canonical JSON of every field but the signature, with a key derived
+    from the context key (never the context key itself: a job signature is no database token)."""
+    job_key = hmac.new(key.secret, _JOB_KEY_LABEL, hashlib.sha256).digest()
+    fields = {k: data.get(k) for k in sorted(_CONTEXT_FIELDS | _SIGNATURE_FIELDS) if k != "signature"}
+    message = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hmac.new(job_key, message, hashlib.sha256).hexdigest()
 
 
 _current: contextvars.ContextVar[TenantContext | None] = contextvars.ContextVar("rtv_tenant_context", default=None)
