@@ -23,12 +23,12 @@ from sqlalchemy import Connection, Engine, event, inspect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction, with_loader_criteria
 
-from ..errors import CrossTenantWriteError, MissingTenantContextError
+from ..errors import CrossTenantWriteError, InvalidInputError, MissingTenantContextError
 from ..schema.models import Client, TenantModel
 from .context import TenantContext, current_tenant_context
 from ._transaction import CONTEXT_OPTION
 
-__all__ = ["tenant_session", "async_tenant_session", "SESSION_CONTEXT_KEY", "SESSION_SYSTEM_KEY"]
+__all__ = ["TenantSession", "tenant_session", "async_tenant_session", "SESSION_CONTEXT_KEY", "SESSION_SYSTEM_KEY"]
 
 SESSION_CONTEXT_KEY = "rtv_tenant_context"
 SESSION_SYSTEM_KEY = "rtv_system"
@@ -115,13 +115,58 @@ def _bind_for(bind: Any, ctx: TenantContext) -> Any:
     raise TypeError(f"cannot bind a tenant session to {type(bind).__name__}")
 
 
+class TenantSession(Session):
+    """The session :func:`tenant_session` makes: ``get(Model, id)`` takes the id alone.
+
+    A tenant model's primary key is ``(client_id, id)``; in a tenant session the tenant is
+    known, so ``session.get(BrandKit, kit_id)`` fills in ``client_id``. The full key (a tuple
+    or a mapping) still works and must name this tenant. A malformed id raises
+    :class:`~rtv_db.InvalidInputError` before anything is sent.
+    """
+
+    def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
+        return super().get(entity, self._tenant_ident(entity, ident), **kwargs)
+
+    def _tenant_ident(self, entity: Any, ident: Any) -> Any:
+        cls = getattr(entity, "class_", entity)
+        if not (isinstance(cls, type) and issubclass(cls, TenantModel)):
+            return ident
+        if isinstance(ident, (tuple, list, dict)):
+            return ident
+        ctx = _session_context(self)
+        if ctx is None:
+            raise MissingTenantContextError(f"get({cls.__name__}, id) without a tenant context; nothing was sent")
+        return {"client_id": ctx.tenant_id, "id": _row_id(ident)}
+
+
+def _row_id(value: Any) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            parsed = uuid.UUID(value)
+        except ValueError:
+            pass
+        else:
+            if str(parsed) == value.lower():
+                return parsed
+    raise InvalidInputError(f"id must be a UUID or its canonical string, not {str(value)[:40]!r}")
+
+
 def tenant_session(bind: Any, context: TenantContext, **kwargs: Any) -> Session:
-    """A :class:`Session` for one tenant on a Database, Engine or a scoped transaction's Connection."""
+    """A :class:`TenantSession` for one tenant on a Database, Engine or a scoped transaction's Connection."""
     info = dict(kwargs.pop("info", {}) or {}) | {SESSION_CONTEXT_KEY: context}
-    return Session(bind=_bind_for(bind, context), info=info, **kwargs)
+    return TenantSession(bind=_bind_for(bind, context), info=info, **kwargs)
 
 
 def async_tenant_session(bind: Any, context: TenantContext, **kwargs: Any) -> AsyncSession:
-    """The asyncio twin of :func:`tenant_session`."""
+    """The asyncio twin of :func:`tenant_session`.
+
+    ``expire_on_commit`` defaults to False: after ``await session.commit()`` the objects keep
+    their loaded values (an expired attribute would need a lazy load, which asyncio cannot do
+    implicitly). Pass ``expire_on_commit=True`` for SQLAlchemy's default.
+    """
     info = dict(kwargs.pop("info", {}) or {}) | {SESSION_CONTEXT_KEY: context}
+    kwargs.setdefault("expire_on_commit", False)
+    kwargs.setdefault("sync_session_class", TenantSession)
     return AsyncSession(bind=_bind_for(bind, context), info=info, **kwargs)
