@@ -825,3 +825,22 @@ def test_audit_purge_on_citus(citus_target: Target) -> None:
             conn.execute(text("DELETE FROM clients WHERE id = :a"), {"a": a})
         db.close()
         system.close()
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_the_runtime_role_cannot_reach_the_workers_directly(citus_target: Target) -> None:
+    # Function grants are per node: migrate revokes on every worker what the bootstrap revokes on
+    # the coordinator, and Citus's run_command_* (PUBLIC by default: any SQL on every worker).
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.connect() as conn:
+        assert citus.worker_exposure(conn, "rtv_app") == []
+    engine.dispose()
+    with Database(citus_target.runtime_url).engine.connect() as conn:
+        for call in ("SELECT * FROM run_command_on_workers('SELECT 1')",
+                     "SELECT * FROM run_command_on_all_nodes('SELECT 1')",
+                     "SELECT * FROM run_command_on_shards('brand_kits', 'SELECT 1')"):
+            with pytest.raises(DBAPIError, match="permission denied"):
+                with conn.begin():
+                    conn.exec_driver_sql(call)

@@ -151,7 +151,7 @@ def migrate(ctx: click.Context, database_url: str | None, revision: str) -> None
     for change in result.context_changes:
         console.print(f"  {change}", highlight=False)
     if result.citus_actions:
-        console.print(f"  citus: {len(result.citus_actions)} distribution steps", highlight=False)
+        console.print(f"  citus: {len(result.citus_actions)} step(s) done:", highlight=False)
     for action in result.citus_actions:
         console.print(f"  citus: {action}", highlight=False)
     if any(change.startswith("context mode") for change in result.context_changes):

@@ -13,6 +13,7 @@ one catalog lookup and nothing else.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -79,7 +80,7 @@ def _revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def _bootstrap(conn: Connection, settings: Settings) -> None:
+def _bootstrap(conn: Connection, settings: Settings) -> str:
     """Roles, database grants, the runtime role's settings and session hardening, extensions: the
     part that needs the admin login."""
     dbapi = conn.connection.dbapi_connection
@@ -103,6 +104,20 @@ def _bootstrap(conn: Connection, settings: Settings) -> None:
         idle_in_transaction_timeout_ms=sql.Literal(int(settings.idle_in_transaction_timeout_ms)),
     ).as_string(dbapi)
     conn.exec_driver_sql(rendered, execution_options={"no_parameters": True})
+    return rendered
+
+
+# The blocks of the bootstrap that are per node on Citus (function grants, database privileges):
+# the distribution step runs them on every worker too.
+_WORKER_BLOCKS = re.compile(r"^DO \$(sessions|citus_commands)\$.*?^\$\1\$;", re.DOTALL | re.MULTILINE)
+_WORKER_TEMP = ("DO $temp$ BEGIN EXECUTE pg_catalog.format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC',"
+                " pg_catalog.current_database()); END $temp$;")
+
+
+def _worker_hardening(bootstrap_sql: str) -> str:
+    # Local to each worker (Citus refuses propagating DDL there: "operation is not allowed on this node").
+    return "\n".join(["BEGIN; SET LOCAL citus.enable_ddl_propagation TO off;", _WORKER_TEMP,
+                      *(m.group(0) for m in _WORKER_BLOCKS.finditer(bootstrap_sql)), "COMMIT;"])
 
 
 def _run(admin_url: str, settings: Settings, action: str, revision: str) -> MigrationResult:
@@ -122,8 +137,9 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 from .signing import context_mode
 
                 citus.refuse_signed_context(context_mode())
+            bootstrap_sql = ""
             if action == "upgrade":
-                _bootstrap(conn, settings)
+                bootstrap_sql = _bootstrap(conn, settings)
             if on_citus:
                 # The revisions run as the owner, a NOLOGIN role: Citus would send their DDL to the
                 # workers over new connections as that role, which cannot log in there. They stay
@@ -151,6 +167,8 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 if on_citus:
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                     actions = citus.distribute(conn, runtime_role=settings.runtime_role)
+                    actions += citus.harden_workers(conn, _worker_hardening(bootstrap_sql),
+                                                    runtime_role=settings.runtime_role)
     except SQLAlchemyError as exc:
         raise MigrationError(f"{action} to {revision} failed on {redact_url(url)}: {getattr(exc, 'orig', None) or exc}") from exc
     finally:

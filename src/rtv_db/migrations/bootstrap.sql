@@ -87,6 +87,32 @@ BEGIN
 END
 $citus$;
 
+-- On Citus, Citus's run_command_* functions (EXECUTE granted to PUBLIC) let any login run any SQL
+-- on every worker over its own connections: the runtime role could query the shards directly,
+-- and act on other sessions there. Nobody but the admin needs them. The same block runs on every
+-- worker (with the session hardening below), from the distribution step of `rtv-db migrate`.
+DO $citus_commands$
+DECLARE
+    target text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus')
+       OR NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RETURN;
+    END IF;
+    FOR target IN
+        SELECT p.oid::pg_catalog.regprocedure::text
+        FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
+                                   AND d.deptype = 'e'
+        JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'citus'
+        WHERE p.proname LIKE 'run\_command\_on\_%' OR p.proname IN ('master_run_on_worker', 'citus_run_local_command')
+        ORDER BY 1
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC, %I', target, {runtime_name});
+    END LOOP;
+END
+$citus_commands$;
+
 -- Sessions of the runtime role must not act on each other or hold state beyond a transaction.
 -- All tenants share the one runtime role, and PostgreSQL lets a role signal, inspect and lock
 -- against its own other sessions: revoke from PUBLIC (and from the runtime role, had anyone granted
