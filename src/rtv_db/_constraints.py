@@ -10,6 +10,7 @@ and ORM sessions (flush and commit), sync and async.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from sqlalchemy import Engine, ForeignKeyConstraint, UniqueConstraint, PrimaryKeyConstraint, event
@@ -39,6 +40,9 @@ def _constraints() -> dict[str, tuple[str, tuple[str, ...], str | None]]:
     return found
 
 
+_CONSTRAINT_IN_MESSAGE = re.compile(r'constraint "([A-Za-z_][A-Za-z0-9_$]*)"')
+
+
 def translate_constraint_error(orig: BaseException, statement: str | None = None) -> ConstraintViolationError | None:
     """The typed error for a driver error ``orig``, or None when it is no unique/foreign-key violation."""
     sqlstate = getattr(orig, "sqlstate", None)
@@ -47,6 +51,14 @@ def translate_constraint_error(orig: BaseException, statement: str | None = None
     diag = getattr(orig, "diag", None)
     constraint = getattr(diag, "constraint_name", None)
     table = getattr(diag, "table_name", None)
+    if constraint is None:
+        # A Citus coordinator relays a worker's error by its text only (no diag fields), naming
+        # the shard's constraint: "brand_kits_client_id_name_key_102041".
+        match = _CONSTRAINT_IN_MESSAGE.search(str(getattr(diag, "message_primary", "") or orig))
+        if match is not None:
+            from .citus import unshard_message
+
+            constraint = unshard_message(f'"{match.group(1)}"', _constraints().keys(), generic=True).strip('"')
     known = _constraints().get(constraint or "")
     columns: tuple[str, ...] = ()
     referenced: str | None = None
