@@ -27,6 +27,10 @@ ALL_CODES = {
     "INDEX_NO_TENANT_LEAD", "VIEW_NOT_SECURITY_INVOKER", "MATVIEW_OVER_TENANT", "SECDEF_NO_SEARCH_PATH",
     "CONTEXT_UNSIGNED", "ROLE_SETTINGS_UNEXPECTED", "ROLE_TIMEOUTS_MISSING", "ROLE_LOGS_PARAMETERS",
     "ROLE_CAN_SIGNAL_SESSIONS", "ROLE_CAN_LOCK_ADVISORY", "ROLE_CAN_USE_LARGE_OBJECTS", "ROLE_CAN_READ_QUERY_TEXT",
+    # issue 16
+    "POLICY_FOREIGN_FUNCTION", "READER_NOT_SIGNED", "TRIGGER_ON_TENANT_TABLE", "RULE_ON_TENANT_TABLE",
+    "UNTENANTED_TABLE_READABLE", "LEAKPROOF_FUNCTION", "SECDEF_PRIVILEGED_OWNER", "SEQUENCE_SHARED",
+    "SECRET_SCHEMA_USABLE", "SIGNING_KEY_UNEXPECTED",
 }
 
 
@@ -163,7 +167,7 @@ TABLE_CASES = {
         "ALTER POLICY tenant_isolation ON notes"
         " USING (client_id = current_setting('app.current_tenant_id')::uuid)"
         " WITH CHECK (client_id = (SELECT current_setting('app.current_tenant_id')::uuid))",
-        {"POLICY_PER_ROW_CONTEXT"},
+        {"POLICY_PER_ROW_CONTEXT", "POLICY_ALWAYS_TRUE"},  # a plain setting: forgeable in signed mode
     ),
     "primary key without client_id": (
         "ALTER TABLE notes DROP CONSTRAINT notes_pkey, ADD PRIMARY KEY (id);"
@@ -204,12 +208,13 @@ TABLE_CASES = {
     "materialized view": ("CREATE MATERIALIZED VIEW note_copy AS SELECT * FROM notes", {"MATVIEW_OVER_TENANT"}),
     "SECURITY DEFINER without search_path": (
         "CREATE FUNCTION public.note_count() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
-        " AS 'SELECT count(*) FROM public.notes'",
+        " AS 'SELECT count(*) FROM public.notes'; ALTER FUNCTION public.note_count() OWNER TO rtv_owner",
         {"SECDEF_NO_SEARCH_PATH"},
     ),
     "SECURITY DEFINER with search_path": (
         "CREATE FUNCTION public.note_count() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
-        " SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.notes'",
+        " SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.notes';"
+        "ALTER FUNCTION public.note_count() OWNER TO rtv_owner",
         set(),
     ),
 }
@@ -260,10 +265,10 @@ def test_breaking_the_real_schema(target, admin_conn):
     assert ("POLICY_ALWAYS_TRUE", "brand_kits: policy open") in found
 
 
-def test_other_schema_is_ignored_unless_asked(target, admin_conn):
+def test_a_tenant_table_in_another_schema_is_checked_too(target, admin_conn):
     admin_conn.execute("CREATE SCHEMA other; CREATE TABLE other.t (client_id uuid PRIMARY KEY)")
-    assert run(target) == []
-    assert codes(run(target, schema="other")) == {"RLS_NOT_ENABLED", "RLS_NOT_FORCED"}
+    assert {(f.code, f.object) for f in run(target)} == {("RLS_NOT_ENABLED", "other.t"), ("RLS_NOT_FORCED", "other.t")}
+    assert {"RLS_NOT_ENABLED", "RLS_NOT_FORCED"} <= codes(run(target, schema="other"))
 
 
 # -- the runtime role -----------------------------------------------------------------------------
@@ -417,3 +422,117 @@ def test_unsigned_context_mode_is_a_finding(target, cluster, monkeypatch):
     migrate(target.require_admin(), cluster.settings)
     found = [f for f in verify(target.require_admin()) if f.code == "CONTEXT_UNSIGNED"]
     assert len(found) == 1 and found[0].severity == "error"
+
+
+# -- issue 16: what an owner-level mistake or attacker would plant --------------------------------
+# Each is planted as the admin (superuser) in the test's own database; the finding must name it,
+# say why and how to fix. The exploits themselves were shown in the issue; here, the detection.
+
+TENANT = "(SELECT rtv.current_tenant_id())"
+PLANTED = {
+    # extra permissive policies that do not imply the tenant test
+    "negated tenant test": (f"CREATE POLICY leak ON brand_kits FOR SELECT USING (client_id <> {TENANT})",
+                            {"POLICY_ALWAYS_TRUE"}),
+    "NOT (...)": (f"CREATE POLICY leak ON brand_kits FOR SELECT USING (NOT (client_id = {TENANT}))", {"POLICY_ALWAYS_TRUE"}),
+    "COALESCE": (f"CREATE POLICY leak ON brand_kits FOR SELECT USING (client_id = COALESCE({TENANT}, client_id))",
+                 {"POLICY_ALWAYS_TRUE"}),
+    "CASE true on every branch": (
+        f"CREATE POLICY leak ON brand_kits FOR SELECT USING (CASE WHEN client_id = {TENANT} THEN true ELSE true END)",
+        {"POLICY_ALWAYS_TRUE"}),
+    "client_id = client_id": ("CREATE POLICY leak ON brand_kits FOR SELECT USING (client_id = client_id)",
+                              {"POLICY_ALWAYS_TRUE"}),
+    "OR-ed with the plain setting": (
+        f"ALTER POLICY tenant_isolation ON brand_kits USING (client_id = {TENANT}"
+        " OR client_id = (SELECT current_setting('app.current_tenant_id', true)::uuid))",
+        {"POLICY_ALWAYS_TRUE"}),
+    "the real policy AND-ed with more is fine": (
+        f"CREATE POLICY narrow ON brand_kits FOR SELECT USING (client_id = {TENANT} AND name <> 'x')", set()),
+    # look-alike context function in another schema
+    "look-alike function": (
+        "CREATE SCHEMA evil; CREATE FUNCTION evil.current_tenant_id() RETURNS uuid LANGUAGE sql STABLE"
+        " AS 'SELECT client_id FROM public.brand_kits LIMIT 1';"
+        "GRANT USAGE ON SCHEMA evil TO rtv_app; GRANT EXECUTE ON FUNCTION evil.current_tenant_id() TO rtv_app;"
+        "ALTER FUNCTION evil.current_tenant_id() OWNER TO rtv_owner;"
+        "ALTER POLICY tenant_isolation ON brand_kits USING (client_id = (SELECT evil.current_tenant_id()))"
+        " WITH CHECK (client_id = (SELECT evil.current_tenant_id()))",
+        {"POLICY_FOREIGN_FUNCTION", "POLICY_ALWAYS_TRUE"}),
+    # the reader replaced by an unsigned one while the mode says signed
+    "unsigned reader in signed mode": (
+        "CREATE OR REPLACE FUNCTION rtv.current_tenant_id() RETURNS uuid LANGUAGE sql STABLE SECURITY DEFINER"
+        " SET search_path = pg_catalog, pg_temp"
+        " AS $$ SELECT NULLIF(current_setting('app.current_tenant_id', true), '')::uuid $$",
+        {"READER_NOT_SIGNED"}),
+    "reader made SECURITY INVOKER": ("ALTER FUNCTION rtv.current_lane() SECURITY INVOKER", {"READER_NOT_SIGNED"}),
+    # triggers and rules that copy rows
+    "copying trigger": (
+        "CREATE TABLE public.loot (x jsonb); GRANT SELECT ON public.loot TO rtv_app;"
+        "CREATE FUNCTION public.copy_row() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
+        " SET search_path = pg_catalog AS $$ BEGIN INSERT INTO public.loot VALUES (to_jsonb(NEW)); RETURN NEW; END $$;"
+        "ALTER FUNCTION public.copy_row() OWNER TO rtv_owner; ALTER TABLE public.loot OWNER TO rtv_owner;"
+        "CREATE TRIGGER copy AFTER INSERT ON brand_kits FOR EACH ROW EXECUTE FUNCTION public.copy_row()",
+        {"TRIGGER_ON_TENANT_TABLE", "UNTENANTED_TABLE_READABLE"}),
+    "DO ALSO rule": (
+        "CREATE TABLE public.loot (name text); ALTER TABLE public.loot OWNER TO rtv_owner;"
+        "GRANT SELECT ON public.loot TO PUBLIC;"
+        "CREATE RULE copy AS ON INSERT TO brand_kits DO ALSO INSERT INTO public.loot VALUES (NEW.name)",
+        {"RULE_ON_TENANT_TABLE", "UNTENANTED_TABLE_READABLE"}),
+    "copy of a tenant table in another schema": (
+        "CREATE SCHEMA backup; CREATE TABLE backup.brand_kits AS SELECT * FROM public.brand_kits;"
+        "ALTER TABLE backup.brand_kits OWNER TO rtv_owner; GRANT USAGE ON SCHEMA backup TO rtv_app;"
+        "GRANT SELECT ON backup.brand_kits TO rtv_app;"
+        "CREATE INDEX ON backup.brand_kits (client_id)",
+        {"RLS_NOT_ENABLED", "RLS_NOT_FORCED"}),
+    "SELECT to PUBLIC on a table without client_id": (
+        "CREATE TABLE public.names AS SELECT name FROM public.brand_kits; ALTER TABLE public.names OWNER TO rtv_owner;"
+        "GRANT SELECT ON public.names TO PUBLIC",
+        {"UNTENANTED_TABLE_READABLE"}),
+    # functions
+    "LEAKPROOF function": (
+        "CREATE FUNCTION public.leaky(text) RETURNS boolean LANGUAGE plpgsql LEAKPROOF"
+        " AS $$ BEGIN RAISE NOTICE '%', $1; RETURN true; END $$",
+        {"LEAKPROOF_FUNCTION"}),
+    "SECURITY DEFINER owned by a superuser": (
+        "CREATE FUNCTION public.count_all() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
+        " SET search_path = pg_catalog AS 'SELECT count(*) FROM public.brand_kits'",
+        {"SECDEF_PRIVILEGED_OWNER"}),
+    "SECURITY DEFINER owned by the BYPASSRLS system role": (
+        "CREATE FUNCTION public.count_all() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
+        " SET search_path = pg_catalog AS 'SELECT count(*) FROM public.brand_kits';"
+        "ALTER FUNCTION public.count_all() OWNER TO rtv_system",
+        {"SECDEF_PRIVILEGED_OWNER"}),
+    # a sequence shared by all tenants
+    "serial column": (
+        "ALTER TABLE brand_kits ADD COLUMN seq serial; GRANT USAGE ON SEQUENCE brand_kits_seq_seq TO rtv_app",
+        {"SEQUENCE_SHARED"}),
+    # the secret schema and the keys
+    "USAGE on rtv_secret": ("GRANT USAGE ON SCHEMA rtv_secret TO rtv_app", {"SECRET_SCHEMA_USABLE"}),
+    "an extra signing key": (
+        "INSERT INTO rtv_secret.context_keys (key_id, secret) VALUES ('known', decode(repeat('00', 32), 'hex'))",
+        {"SIGNING_KEY_UNEXPECTED"}),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANTED), ids=list(PLANTED))
+def test_planted_hole_is_found(target, admin_conn, case):
+    statement, expected = PLANTED[case]
+    admin_conn.execute(statement)
+    findings = run(target)
+    assert codes(findings) == expected, [f"{f.code} {f.object}: {f.message}" for f in findings]
+    for f in findings:
+        assert f.message and len(f.why) > 40 and f.fix, f
+
+
+def test_planted_holes_seen_by_the_runtime_role_too(target, admin_conn):
+    """verify as the runtime role sees the catalog classes (not the keys: it cannot read them)."""
+    admin_conn.execute(PLANTED["look-alike function"][0])
+    admin_conn.execute(PLANTED["unsigned reader in signed mode"][0])
+    assert {"POLICY_FOREIGN_FUNCTION", "READER_NOT_SIGNED"} <= codes(verify(target.runtime_url))
+
+
+def test_configured_key_ids_are_compared(target):
+    from rtv_db.signing import load_keys
+
+    mine = tuple(k.key_id for k in load_keys())
+    assert run(target, config=VerifyConfig(key_ids=mine)) == []
+    found = run(target, config=VerifyConfig(key_ids=("another",)))
+    assert {(f.code, f.object) for f in found} == {("SIGNING_KEY_UNEXPECTED", f"key {k}") for k in mine}
