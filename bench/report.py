@@ -21,7 +21,7 @@ TARGETS = {
 _LABELS = {
     "baseline": "baseline: psycopg, system role (BYPASSRLS), literal predicate",
     "rls_query_only": "psycopg, runtime role, unsigned context already in the session (set untimed): RLS + literal predicate, no context statement (a measuring device: a signed token only counts in the transaction that set it)",
-    "rls_psycopg": "psycopg, runtime role, as rtv-db's begin hook: BEGIN + signed context (token minted for the backend) pipelined in one round trip, RLS + literal predicate",
+    "rls_psycopg": "psycopg, runtime role, as rtv-db's begin hook: BEGIN + signed context (a token for the transaction) pipelined in one round trip, without rtv.clean_session() (bench/clean_session.py measures that step), RLS + literal predicate",
     "rls_psycopg_unsigned": "as rls_psycopg, unsigned context (rtv.set_tenant_context, the debugging mode)",
     "set_config_unsigned": "as rls_psycopg_unsigned, but the plain settings set with set_config(..., true) instead of the PL/pgSQL setter",
     "sqlalchemy_core": "plain SQLAlchemy Core, no rtv-db: engine.begin() + select, system role, same pool settings (pre-ping on)",

@@ -109,8 +109,8 @@ _signer: list[ContextSetter] = []
 
 
 def context_statement(conn: psycopg.Connection[Any], tenant: uuid.UUID, *, signed: bool = True) -> tuple[str, tuple[Any, ...]]:
-    """The SQL and parameters that set ``tenant``'s context on ``conn``: a token minted for its
-    backend with the configured key (signed, the default), or the plain ids (unsigned)."""
+    """The SQL and parameters that set ``tenant``'s context on ``conn``: a token for one
+    transaction, signed with the configured key (the default), or the plain ids (unsigned)."""
     ctx = TenantContext(tenant)
     if not signed:
         return UNSIGNED_SQL, context_params(ctx)
