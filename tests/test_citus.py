@@ -844,3 +844,117 @@ def test_the_runtime_role_cannot_reach_the_workers_directly(citus_target: Target
             with pytest.raises(DBAPIError, match="permission denied"):
                 with conn.begin():
                     conn.exec_driver_sql(call)
+
+
+# -- the signed context on Citus: each obstacle of docs/citus.md, tried on the cluster -------------
+
+
+@pytest.fixture()
+def probe_schema(citus_target: Target) -> Iterator[str]:
+    """A scratch schema on the coordinator: a distributed table, a reference table, a plain table
+    on every node (not a Citus table), and functions reading each from inside a shard query."""
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
+        conn.exec_driver_sql("""
+            CREATE SCHEMA citus_probe;
+            CREATE TABLE citus_probe.dist (k int NOT NULL);
+            SELECT create_distributed_table('citus_probe.dist', 'k', shard_count => 4);
+            INSERT INTO citus_probe.dist SELECT g FROM generate_series(1, 16) g;
+            CREATE TABLE citus_probe.ref_keys (id int PRIMARY KEY, secret text);
+            SELECT create_reference_table('citus_probe.ref_keys');
+            INSERT INTO citus_probe.ref_keys VALUES (1, 'ref');
+            CREATE FUNCTION citus_probe.ref_key(x int) RETURNS text LANGUAGE sql STABLE
+                AS $$ SELECT secret FROM citus_probe.ref_keys WHERE id = 1 $$;
+            CREATE FUNCTION citus_probe.now_of(x int) RETURNS timestamptz LANGUAGE sql STABLE AS $$ SELECT now() $$;
+            CREATE FUNCTION citus_probe.xid_of(x int) RETURNS text LANGUAGE sql STABLE
+                AS $$ SELECT (get_current_transaction_id()).transaction_number::text $$;
+            GRANT USAGE ON SCHEMA citus_probe TO rtv_app;
+            GRANT SELECT ON citus_probe.dist TO rtv_app;
+            GRANT EXECUTE ON FUNCTION citus_probe.xid_of(int) TO rtv_app;
+        """)
+    with engine.connect() as conn:  # run_command_on_all_nodes uses its own connections: after the commit
+        conn.exec_driver_sql(
+            "SELECT run_command_on_all_nodes($$BEGIN; SET LOCAL citus.enable_ddl_propagation TO off;"
+            " CREATE TABLE citus_probe.node_keys (id int PRIMARY KEY, secret text);"
+            " INSERT INTO citus_probe.node_keys VALUES (1, 'node ' || current_setting('port')); COMMIT$$)")
+        conn.commit()
+    with engine.begin() as conn:  # created on every node, where node_keys now exists
+        conn.exec_driver_sql("CREATE FUNCTION citus_probe.node_key(x int) RETURNS text LANGUAGE sql STABLE"
+                             " AS $$ SELECT secret FROM citus_probe.node_keys WHERE id = 1 $$")
+    yield "citus_probe"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA citus_probe CASCADE")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT run_command_on_workers($$DROP SCHEMA IF EXISTS citus_probe CASCADE$$)")
+        conn.commit()
+    engine.dispose()
+
+
+@needs_citus
+@pytest.mark.citus
+def test_keys_in_a_reference_table_cannot_be_read_in_a_shard_query(citus_target: Target, probe_schema: str) -> None:
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.connect() as conn:
+        # A reader that looks the key up in a reference table fails in every shard query.
+        for query in ("SELECT citus_probe.ref_key(k) FROM citus_probe.dist WHERE k = 1",
+                      "SELECT count(*) FROM citus_probe.dist WHERE citus_probe.ref_key(k) = 'ref'"):
+            with pytest.raises(DBAPIError, match="cannot execute a distributed query from a query on a shard"):
+                conn.exec_driver_sql(query)
+            conn.rollback()
+        # A plain table on each node is readable there: per-node copies of the keys would work,
+        # but they are outside Citus (rtv-db would have to keep every node's copy in step).
+        values = {r[0] for r in conn.exec_driver_sql("SELECT citus_probe.node_key(k) FROM citus_probe.dist")}
+        assert len(values) == 2 and all(v.startswith("node ") for v in values), values  # one per worker
+    engine.dispose()
+
+
+@needs_citus
+@pytest.mark.citus
+def test_now_on_the_workers_is_not_the_coordinators(citus_target: Target, probe_schema: str) -> None:
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.begin() as conn:
+        coordinator = conn.exec_driver_sql("SELECT now()").scalar_one()
+        conn.exec_driver_sql("SELECT pg_sleep(0.3)")
+        workers = [r[0] for r in conn.exec_driver_sql("SELECT DISTINCT citus_probe.now_of(k) FROM citus_probe.dist")]
+    engine.dispose()
+    # The workers' now() is the start of their remote transaction, opened at the first shard access.
+    assert workers and all((w - coordinator).total_seconds() >= 0.3 for w in workers), (coordinator, workers)
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_the_runtime_role_can_claim_a_transaction_id_and_a_global_pid(citus_target: Target, probe_schema: str) -> None:
+    # What both sides of a Citus transaction know (its distributed transaction id, the global
+    # pid) is not a binding: the runtime role sets either to any value it likes.
+    with Database(citus_target.runtime_url).engine.connect() as conn:
+        with conn.begin():
+            conn.exec_driver_sql("SELECT assign_distributed_transaction_id(1, 4242424242, now())")
+            seen = {r[0] for r in conn.exec_driver_sql("SELECT DISTINCT citus_probe.xid_of(k) FROM citus_probe.dist")}
+        assert seen == {"4242424242"}  # every worker believes the claimed id
+        with conn.begin():
+            own = conn.exec_driver_sql("SELECT citus_backend_gpid()").scalar_one()
+            conn.exec_driver_sql("SET LOCAL application_name = 'citus_internal gpid=10000099999'")
+            assert conn.exec_driver_sql("SELECT citus_backend_gpid()").scalar_one() == 10000099999 != own
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_a_forged_set_local_reaches_every_worker(citus_target: Target) -> None:
+    # The price of the unsigned mode on Citus, shown on the cluster: SQL on the runtime role
+    # names another tenant with SET LOCAL, and every worker believes it.
+    system = SystemScope(citus_target.system_url, reason="citus forged context test")  # type: ignore[arg-type]
+    db = Database(citus_target.runtime_url)
+    a, b = make_tenants(system, f"F{uuid.uuid4().hex[:6]}", f"G{uuid.uuid4().hex[:6]}")
+    try:
+        with with_tenant_scope(db, a).scoped_transaction() as tx:
+            tx.connection.exec_driver_sql(f"SET LOCAL app.current_tenant_id = '{b}'")
+            rows = tx.connection.execute(text("SELECT client_id FROM brand_kits")).scalars().all()
+        assert rows == [b]
+    finally:
+        with system.transaction() as conn:
+            conn.execute(text("DELETE FROM clients WHERE id = ANY(:ids)"), {"ids": [a, b]})
+        db.close()
+        system.close()
