@@ -61,10 +61,13 @@ async def healthz() -> dict[str, str]:
 
 
 @app.get("/brand-kits")
-async def list_brand_kits(limit: int = 50, scope: AsyncTenantScope = Depends(tenancy.scope)) -> dict[str, Any]:
-    """This tenant's kits, by name."""
-    rows = await scope.scoped_query(brand_kits, order_by=[brand_kits.c.name], limit=min(max(limit, 1), 200))
-    return {"items": [_kit(r) for r in rows]}
+async def list_brand_kits(limit: int = 50, after: str | None = None,
+                          scope: AsyncTenantScope = Depends(tenancy.scope)) -> dict[str, Any]:
+    """One page of this tenant's kits by name; pass ``next`` back as ``after`` for the next page
+    (a changed cursor: InvalidCursorError -> 422)."""
+    page = await scope.scoped_query(brand_kits, order_by=[brand_kits.c.name], page_size=min(max(limit, 1), 200),
+                                    after=after)
+    return {"items": [_kit(r) for r in page.rows], "next": page.next_cursor}
 
 
 @app.post("/brand-kits", status_code=201)

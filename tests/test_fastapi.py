@@ -87,6 +87,7 @@ async def test_example_app_two_tenants_concurrently(example_server, db, tenants)
             got = await client.get(f"/brand-kits/{kit['id']}", headers=headers)
             assert got.status_code == 200 and got.json()["name"] == f"{tenant}-{i}"
             listed = await client.get("/brand-kits?limit=200", headers=headers)
+            assert listed.json()["next"] is None
             names = [k["name"] for k in listed.json()["items"]]
             assert all(n.startswith(f"{tenant}-") or n == f"Brand {tenant}" for n in names), names
             return kit["id"]
@@ -117,6 +118,19 @@ async def test_example_app_two_tenants_concurrently(example_server, db, tenants)
         assert theirs.json() == none.json() and theirs.json()["error"] == "ReferenceNotFoundError"
         mine = await client.post("/chunks", json={"knowledge_base_id": str(kb_a), "content": "x"}, headers=ha)
         assert mine.status_code == 201
+
+        # Pages: every kit of B once, in name order; A's cursor is refused for B.
+        names, after = [], None
+        while True:
+            page = (await client.get("/brand-kits", params={"limit": 7, **({"after": after} if after else {})},
+                                     headers=hb)).json()
+            names += [k["name"] for k in page["items"]]
+            if not (after := page["next"]):
+                break
+        assert names == sorted(["Brand B"] + [f"B-{i}" for i in range(25)])
+        a_cursor = (await client.get("/brand-kits", params={"limit": 2}, headers=ha)).json()["next"]
+        refused = await client.get("/brand-kits", params={"limit": 2, "after": a_cursor}, headers=hb)
+        assert refused.status_code == 422 and refused.json()["error"] == "InvalidCursorError"
 
         # Malformed context: 400; none: 401.
         bad = await client.get("/brand-kits", headers={"X-Tenant-Id": "not-a-uuid"})

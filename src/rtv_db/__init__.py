@@ -72,6 +72,7 @@ from .server import EmbeddedServer
 from .targets import Target, resolve_target
 from .tenant import (
     AsyncTenantScope,
+    Page,
     SystemScope,
     TenantContext,
     TenantScope,
@@ -79,6 +80,8 @@ from .tenant import (
     assert_tenant_ownership,
     async_tenant_session,
     current_tenant_context,
+    paginate,
+    paginate_async,
     require_tenant_context,
     run_with_tenant_context,
     tenant_session,
@@ -117,6 +120,9 @@ __all__ = [
     "tenant_session",
     "async_tenant_session",
     "assert_tenant_ownership",
+    "Page",
+    "paginate",
+    "paginate_async",
     "use_tenant_context",
     "current_tenant_context",
     "require_tenant_context",

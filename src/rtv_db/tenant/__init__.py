@@ -10,6 +10,7 @@ from .context import (
     use_tenant_context,
 )
 from .ownership import assert_tenant_ownership
+from .pagination import Page, paginate, paginate_async
 from .orm import async_tenant_session, tenant_session
 from .scope import AsyncTenantScope, TenantScope, TenantScopedDb, with_tenant_scope
 from .system import SystemScope
@@ -23,6 +24,9 @@ __all__ = [
     "run_with_tenant_context",
     "use_tenant_context",
     "assert_tenant_ownership",
+    "Page",
+    "paginate",
+    "paginate_async",
     "tenant_session",
     "async_tenant_session",
     "TenantScope",

@@ -21,6 +21,7 @@ from ..connection import AsyncDatabase, Database
 from .context import Lane, TenantContext, use_tenant_context
 from ._statements import TableLike, build_delete, build_get, build_insert, build_select, build_update, resolve_table
 from ._transaction import CONTEXT_OPTION
+from .pagination import page_from_rows
 
 __all__ = ["TenantScope", "AsyncTenantScope", "with_tenant_scope", "TenantScopedDb"]
 
@@ -63,8 +64,17 @@ class TenantScope(_ScopeBase[Database]):
                 yield conn
 
     def scoped_query(self, table: TableLike, *where: ColumnElement[bool], order_by: Sequence[Any] = (),
-                     limit: int | None = None) -> list[Row[Any]]:
-        """Rows of ``table`` that belong to this tenant and match ``where``."""
+                     limit: int | None = None, page_size: int | None = None, after: str | None = None) -> Any:
+        """Rows of ``table`` that belong to this tenant and match ``where``.
+
+        With ``page_size``: one :class:`~rtv_db.tenant.pagination.Page` (``rows``, ``next_cursor``)
+        in keyset order (``order_by`` columns, then ``id``); pass ``after=page.next_cursor`` for
+        the next. A changed or foreign cursor raises :class:`~rtv_db.InvalidCursorError`.
+        """
+        if page_size is not None or after is not None:
+            stmt, spec, key = _paged(table, self.context, where, order_by, limit, page_size, after)
+            with self._connection() as conn:
+                return page_from_rows(list(conn.execute(stmt)), spec, key, page_size)  # type: ignore[arg-type]
         stmt = build_select(resolve_table(table), self.context, where, order_by=order_by, limit=limit)
         with self._connection() as conn:
             return list(conn.execute(stmt))
@@ -156,7 +166,11 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
                     yield conn
 
     async def scoped_query(self, table: TableLike, *where: ColumnElement[bool], order_by: Sequence[Any] = (),
-                           limit: int | None = None) -> list[Row[Any]]:
+                           limit: int | None = None, page_size: int | None = None, after: str | None = None) -> Any:
+        if page_size is not None or after is not None:
+            stmt, spec, key = _paged(table, self.context, where, order_by, limit, page_size, after)
+            async with self._connection() as conn:
+                return page_from_rows(list(await conn.execute(stmt)), spec, key, page_size)  # type: ignore[arg-type]
         stmt = build_select(resolve_table(table), self.context, where, order_by=order_by, limit=limit)
         async with self._connection() as conn:
             return list(await conn.execute(stmt))
@@ -207,6 +221,20 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
         if self._conn is not None:
             return async_tenant_session(self._conn, self.context, join_transaction_mode="rollback_only", **kwargs)
         return async_tenant_session(self.db, self.context, **kwargs)
+
+
+def _paged(table: TableLike, ctx: TenantContext, where: Sequence[ColumnElement[bool]], order_by: Sequence[Any],
+           limit: int | None, page_size: int | None, after: str | None) -> Any:
+    """The keyset-paged select of ``scoped_query(..., page_size=, after=)``."""
+    from ..errors import InvalidInputError
+    from .pagination import keyset_select
+
+    if limit is not None:
+        raise InvalidInputError("scoped_query takes limit or page_size, not both")
+    if page_size is None:
+        raise InvalidInputError("after= needs page_size=")
+    resolved = resolve_table(table)
+    return keyset_select(build_select(resolved, ctx, where), resolved, ctx, order_by, page_size, after)
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
