@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from .config import Settings, redact_url
-from .errors import ConfigurationError, RtvDbError
+from .config import Settings, redact_url, to_libpq_url
+from .errors import ConfigurationError, RtvDbError, ServerError
 from .server import EmbeddedServer
 from .targets import Target, resolve_target
 
@@ -120,11 +120,50 @@ def server_status(ctx: click.Context) -> None:
 @click.pass_context
 @_fail_cleanly
 def server_url(ctx: click.Context, role: str) -> None:
-    """Print the URL of the running server, for a role."""
+    """Print the URL of the running server, for a role (socket directory and port included)."""
     settings = _settings(ctx.obj["data_dir"])
     target = resolve_target(settings, start=False)
     url = {"admin": target.admin_url, "runtime": target.runtime_url, "system": target.system_url}[role]
     click.echo(url)
+
+
+@server.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+@click.pass_context
+@_fail_cleanly
+def server_info(ctx: click.Context, as_json: bool) -> None:
+    """Where the running server listens, and the URLs of its roles (for a pooler or another tool)."""
+    import json
+
+    from sqlalchemy.engine import make_url
+
+    settings = _settings(ctx.obj["data_dir"])
+    srv = EmbeddedServer(settings.data_dir, settings.database)
+    status = srv.status()
+    if not status.running:
+        raise ServerError(f"the embedded server is not running (data directory {srv.pgdata}); run `rtv-db server start`")
+    target = resolve_target(settings, start=False)
+    runtime = make_url(target.runtime_url)
+    info = {
+        "host": str(status.socket_dir) if status.socket_dir else status.hostname,
+        "port": status.port,
+        "socket_dir": str(status.socket_dir) if status.socket_dir else None,
+        "socket": str(status.socket_dir / f".s.PGSQL.{status.port}") if status.socket_dir and status.port else None,
+        "tcp_host": status.hostname,
+        "database": settings.database,
+        "pid": status.pid,
+        "data_dir": str(status.pgdata),
+        "runtime_role": runtime.username,
+        "runtime_url": to_libpq_url(target.runtime_url),
+        "admin_url": to_libpq_url(target.require_admin()),
+        "system_url": to_libpq_url(target.system_url) if target.system_url else None,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for name, value in info.items():
+        click.echo(f"{name.ljust(width)}  {'' if value is None else value}")
 
 
 # -- schema -----------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ class ServerStatus:
     pgdata: Path
     pid: int | None = None
     socket_dir: Path | None = None
+    port: int | None = None
+    hostname: str | None = None  # a TCP listen address, when the server has one (the embedded one does not)
 
     def describe(self) -> str:
         if not self.running:
             return f"stopped (data directory {self.pgdata})"
-        return f"running, pid {self.pid}, socket in {self.socket_dir}, data directory {self.pgdata}"
+        return f"running, pid {self.pid}, socket in {self.socket_dir}, port {self.port}, data directory {self.pgdata}"
 
 
 class EmbeddedServer:
@@ -82,14 +84,19 @@ class EmbeddedServer:
         info = self._postmaster()
         if info is None:
             return ServerStatus(running=False, pgdata=self.pgdata)
-        return ServerStatus(running=True, pgdata=self.pgdata, pid=info.pid, socket_dir=info.socket_dir)
+        return ServerStatus(running=True, pgdata=self.pgdata, pid=info.pid, socket_dir=info.socket_dir, port=info.port,
+                            hostname=info.hostname or None)
 
     def url(self, database: str | None = None) -> str:
         """The superuser URL of the running server (``ServerError`` when it is not running)."""
         info = self._postmaster()
         if info is None:
             raise ServerError(f"the embedded server is not running (data directory {self.pgdata}); run `rtv-db server start`")
-        return info.get_uri(user=self.superuser, database=database or self.database)
+        uri = info.get_uri(user=self.superuser, database=database or self.database)
+        if info.socket_dir is not None and info.port is not None:
+            # The socket file is .s.PGSQL.<port>: without the port, other tools look for 5432's.
+            uri += f"&port={info.port}"
+        return uri
 
     # -- changing state ------------------------------------------------------------------------
 
