@@ -72,6 +72,7 @@ __all__ = [
     "DistributionPlan",
     "CitusFinding",
     "is_citus",
+    "has_distributed_tables",
     "plan_distribution",
     "rewrite_policy_expression",
     "apply_policy_rewrites",
@@ -153,6 +154,11 @@ def is_citus(conn: Connection) -> bool:
     return bool(
         conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')").scalar()
     )
+
+
+def has_distributed_tables(conn: Connection) -> bool:
+    """True when some table of this database is already a Citus table."""
+    return bool(conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition)").scalar())
 
 
 # -- the plan ----------------------------------------------------------------------------------------

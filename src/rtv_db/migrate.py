@@ -137,6 +137,15 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 from .signing import context_mode
 
                 citus.refuse_signed_context(context_mode())
+                wanted = head_revision() if revision == "head" else revision
+                if before != wanted and citus.has_distributed_tables(conn):
+                    # The revisions run without DDL propagation (below): on distributed tables
+                    # their DDL would change the coordinator's tables and not the shards.
+                    raise MigrationError(
+                        f"upgrading a distributed Citus database ({before} -> {wanted}) is not supported: the"
+                        " revisions run as the NOLOGIN owner without DDL propagation, so their changes would not"
+                        " reach the shards. Nothing was changed. See docs/citus.md, 'Upgrading a distributed"
+                        " database'.")
             bootstrap_sql = ""
             if action == "upgrade":
                 bootstrap_sql = _bootstrap(conn, settings)
