@@ -958,3 +958,14 @@ def test_a_forged_set_local_reaches_every_worker(citus_target: Target) -> None:
             conn.execute(text("DELETE FROM clients WHERE id = ANY(:ids)"), {"ids": [a, b]})
         db.close()
         system.close()
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_upgrading_a_distributed_database_is_refused(citus_target: Target) -> None:
+    before = current_revision(citus_target.require_admin())
+    other = "0004" if before != "0004" else "0005"
+    with pytest.raises(MigrationError, match="upgrading a distributed Citus database .* is not supported"):
+        migrate(citus_target.require_admin(), citus_target.settings, other)
+    assert current_revision(citus_target.require_admin()) == before
