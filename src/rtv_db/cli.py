@@ -275,6 +275,37 @@ def seed_table(result: Any) -> Any:
     return table
 
 
+@cli.command("revision")
+@click.option("--tenant-table", "table", required=True, help="Name of the new tenant table.")
+@click.option("--column", "columns", multiple=True, help='A column definition, e.g. "title text NOT NULL" (repeat).')
+@click.option("--parent", "parents", multiple=True, metavar="TABLE:COLUMN",
+              help="A tenant parent and the column holding its id, e.g. brand_kits:brand_kit_id (repeat).")
+@click.option("--unique", "uniques", multiple=True, metavar="COL[,COL]", help="A unique constraint (client_id is put first).")
+@click.option("--index", "indexes", multiple=True, metavar="COL[,COL]", help="An index (client_id is put first).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The versions folder (default: rtv-db's own migrations/versions).")
+@_fail_cleanly
+def revision(table: str, columns: tuple[str, ...], parents: tuple[str, ...], uniques: tuple[str, ...],
+             indexes: tuple[str, ...], directory: Path | None) -> None:
+    """Write a migration that adds a tenant table with every guarantee (docs/tenant-tables.md)."""
+    from .errors import InvalidInputError
+    from .migrations.tenant_table import Parent, write_tenant_table_revision
+
+    def parent(spec: str) -> Parent:
+        table_name, sep, column = spec.partition(":")
+        if not sep:
+            raise InvalidInputError(f"--parent {spec[:60]!r}: expected TABLE:COLUMN")
+        return Parent(table_name.strip(), column.strip())
+
+    folder = directory or Path(__file__).parent / "migrations" / "versions"
+    path = write_tenant_table_revision(
+        folder, table, list(columns), parents=[parent(p) for p in parents],
+        unique=[[c.strip() for c in u.split(",")] for u in uniques],
+        indexes=[[c.strip() for c in i.split(",")] for i in indexes],
+    )
+    console.print(f"wrote {path}: review it, add the model (docs/tenant-tables.md), run rtv-db migrate", highlight=False)
+
+
 @cli.command("verify")
 @database_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")

@@ -1,0 +1,225 @@
+"""Issue 17: a new tenant table in one migration step, with every guarantee.
+
+A ``posts`` table made with the helper is applied to a test database as the owner, as a revision
+would be; then, as the runtime role: isolation, composite foreign keys, the audit trail, `rtv-db
+verify` clean, and the ORM picking up a new TenantModel subclass with no registration code (in a
+subprocess, so that the model does not join this process's metadata). The CLI writes the same
+SQL into a revision file after the current head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+from rtv_db import Database, brand_kits, with_tenant_scope
+from rtv_db.audit import read_audit_trail
+from rtv_db.cli import cli
+from rtv_db.config import to_libpq_url
+from rtv_db.errors import InvalidInputError
+from rtv_db.migrate import head_revision
+from rtv_db.migrations.tenant_table import Parent, drop_tenant_table_sql, tenant_table_sql
+from rtv_db.targets import Target
+from rtv_db.verify import verify
+
+POSTS = dict(
+    name="posts",
+    columns=["title text NOT NULL", "body text NOT NULL DEFAULT ''"],
+    parents=[Parent("brand_kits", "brand_kit_id")],
+    unique=[("title",)],
+)
+
+
+def _as_owner(target: Target, sql: str) -> None:
+    rendered = sql.replace("@owner@", '"rtv_owner"').replace("@runtime@", '"rtv_app"').replace("@system@", '"rtv_system"')
+    with psycopg.connect(to_libpq_url(target.require_admin())) as conn:
+        conn.execute('SET ROLE "rtv_owner"')
+        conn.execute(rendered)
+
+
+@pytest.fixture()
+def posts(target: Target) -> Iterator[Target]:
+    _as_owner(target, tenant_table_sql(**POSTS))  # type: ignore[arg-type]
+    yield target
+
+
+def _kit(db: Database, tenant: uuid.UUID) -> uuid.UUID:
+    return with_tenant_scope(db, tenant).scoped_query(brand_kits)[0].id
+
+
+def _insert_post(db: Database, tenant: uuid.UUID, kit: uuid.UUID, title: str, *, client_id: uuid.UUID | None = None) -> None:
+    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+        tx.connection.execute(
+            text("INSERT INTO posts (client_id, brand_kit_id, title) VALUES (:c, :k, :t)"),
+            {"c": client_id or tenant, "k": kit, "t": title},
+        )
+
+
+def _titles(db: Database, tenant: uuid.UUID) -> list[str]:
+    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+        return list(tx.connection.execute(text("SELECT title FROM posts ORDER BY title")).scalars())
+
+
+def test_a_helper_table_isolates_like_the_core_tables(posts, db, tenants):
+    kit_a, kit_b = _kit(db, tenants.a), _kit(db, tenants.b)
+    _insert_post(db, tenants.a, kit_a, "hello from A")
+    _insert_post(db, tenants.b, kit_b, "hello from B")
+    assert _titles(db, tenants.a) == ["hello from A"]
+    assert _titles(db, tenants.b) == ["hello from B"]
+    with db.engine.connect() as conn:  # no context: nothing
+        assert conn.execute(text("SELECT count(*) FROM posts")).scalar_one() == 0
+    # another tenant's client_id: refused by the policy
+    with pytest.raises(ProgrammingError, match="row-level security"):
+        _insert_post(db, tenants.a, kit_a, "forged", client_id=tenants.b)
+    # another tenant's brand kit: the composite foreign key, the same error as a missing one
+    for kit in (kit_b, uuid.uuid4()):
+        with pytest.raises(IntegrityError, match="posts_brand_kit_fkey"):
+            _insert_post(db, tenants.a, kit, "cross")
+    # a title B already uses is no oracle: unique per tenant
+    _insert_post(db, tenants.a, kit_a, "hello from B")
+    # TRUNCATE is not granted
+    with pytest.raises(ProgrammingError, match="permission denied"):
+        with with_tenant_scope(db, tenants.a).scoped_transaction() as tx:
+            tx.connection.execute(text("TRUNCATE posts"))
+
+
+def test_a_helper_table_is_audited_with_the_signed_labels(posts, db, tenants):
+    from rtv_db import TenantContext
+
+    _insert_post(db, tenants.a, _kit(db, tenants.a), "audited")  # a context of its own, no user id
+    scope = with_tenant_scope(db, TenantContext(tenants.a, user_id="alice", correlation_id="c-17"))
+    with scope.scoped_transaction() as tx:
+        tx.connection.execute(text("UPDATE posts SET body = 'x' WHERE title = 'audited'"))
+    events = read_audit_trail(scope, table="brand_kits").events  # the table-name check knows the models only
+    assert all(e.table_name == "brand_kits" for e in events)
+    with scope.scoped_transaction() as tx:
+        rows = tx.connection.execute(text(
+            "SELECT action, changed_columns, user_id, correlation_id FROM audit_events "
+            "WHERE table_name = 'posts' ORDER BY occurred_at")).all()
+    assert [r[0] for r in rows] == ["INSERT", "UPDATE"]
+    assert rows[1][1:] == (["body"], "alice", "c-17")
+
+
+def test_verify_is_clean_with_a_helper_table(posts):
+    findings = verify(posts.require_admin())
+    assert findings == [], [f"{f.code} {f.object}: {f.message}" for f in findings]
+
+
+def test_verify_sees_a_hand_made_table_that_skipped_a_rule(target):
+    sql = tenant_table_sql(**POSTS).replace("ALTER TABLE posts FORCE ROW LEVEL SECURITY;\n", "")  # type: ignore[arg-type]
+    _as_owner(target, sql)
+    assert "RLS_NOT_FORCED" in {f.code for f in verify(target.require_admin())}
+
+
+def test_drop_removes_the_table_and_its_rules(posts, admin_conn):
+    _as_owner(posts, drop_tenant_table_sql("posts"))
+    assert admin_conn.execute("SELECT to_regclass('public.posts')").fetchone()[0] is None
+    assert admin_conn.execute("SELECT count(*) FROM pg_policy WHERE polname = 'tenant_isolation' "
+                              "AND polrelid::regclass::text = 'posts'").fetchone()[0] == 0
+
+
+_ORM_SCRIPT = textwrap.dedent('''
+    import json, sys, uuid
+    from datetime import datetime
+    from sqlalchemy import ForeignKeyConstraint, Index, PrimaryKeyConstraint, Text, UniqueConstraint, select, text
+    from sqlalchemy.orm import Mapped, mapped_column
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+    from rtv_db import Database, TenantContext, tenant_session
+    from rtv_db.schema.models import TenantModel, _created, _updated, metadata
+
+    class Post(TenantModel):          # the pattern of docs/tenant-tables.md: no registration code
+        __tablename__ = "posts"
+        __table_args__ = (
+            PrimaryKeyConstraint("client_id", "id", name="posts_pkey"),
+            UniqueConstraint("client_id", "title", name="posts_client_id_title_key"),
+            ForeignKeyConstraint(["client_id", "brand_kit_id"], ["brand_kits.client_id", "brand_kits.id"],
+                                 name="posts_brand_kit_fkey", ondelete="CASCADE"),
+            Index("posts_client_id_brand_kit_id_idx", "client_id", "brand_kit_id"),
+        )
+        title: Mapped[str] = mapped_column(Text)
+        body: Mapped[str] = mapped_column(Text, server_default=text("''"))
+        brand_kit_id: Mapped[uuid.UUID]
+        created_at: Mapped[datetime] = _created()
+        updated_at: Mapped[datetime] = _updated()
+
+    runtime_url, admin_url, a, b, kit_a = sys.argv[1:6]
+    db = Database(runtime_url)
+    with tenant_session(db, TenantContext(a)) as session:
+        session.add(Post(title="orm post", brand_kit_id=uuid.UUID(kit_a)))
+        session.commit()
+        mine = session.scalars(select(Post.title).order_by(Post.title)).all()
+    with tenant_session(db, TenantContext(b)) as session:
+        theirs = session.scalars(select(Post.title)).all()
+    engine = create_engine(admin_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    skip = ("alembic_version",)
+    diff = [str(d) for d in diff if not any(s in str(d) for s in skip)]
+    print(json.dumps({"mine": mine, "theirs": theirs, "diff": diff}))
+''')
+
+
+def test_the_orm_picks_up_a_new_tenant_model_and_autogenerate_finds_no_drift(posts, db, tenants, tmp_path):
+    script = tmp_path / "orm_posts.py"
+    script.write_text(_ORM_SCRIPT)
+    _insert_post(db, tenants.b, _kit(db, tenants.b), "B's post")
+    out = subprocess.run(
+        [sys.executable, str(script), posts.runtime_url, posts.require_admin(), str(tenants.a), str(tenants.b),
+         str(_kit(db, tenants.a))],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mine"] == ["orm post"]  # A's session: A's post only, client_id stamped
+    assert result["theirs"] == ["B's post"]  # B's: B's only
+    assert result["diff"] == [], result["diff"]
+
+
+def test_the_cli_writes_a_revision_after_the_head(tmp_path):
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    for path in (Path(__file__).parents[1] / "src" / "rtv_db" / "migrations" / "versions").glob("0*.py"):
+        (versions / path.name).write_text("")  # the real revisions' names: the new one goes after them
+    result = CliRunner().invoke(cli, [
+        "revision", "--tenant-table", "posts", "--column", "title text NOT NULL",
+        "--column", "body text NOT NULL DEFAULT ''", "--parent", "brand_kits:brand_kit_id",
+        "--unique", "title", "--dir", str(versions)])
+    assert result.exit_code == 0, result.output
+    (written,) = [p for p in versions.glob("*_posts.py")]
+    spec = importlib.util.spec_from_file_location("posts_revision", written)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.down_revision == head_revision() and int(module.revision) == int(head_revision()) + 1
+    source = written.read_text()
+    for line in tenant_table_sql(**POSTS).splitlines():  # type: ignore[arg-type]
+        assert line.strip() in source  # every statement spelled out for the reviewer
+    again = CliRunner().invoke(cli, ["revision", "--tenant-table", "posts", "--dir", str(versions)])
+    assert again.exit_code != 0 and "adds posts already" in again.output
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(name="Posts", columns=[]), "lower-case identifier"),
+    (dict(name="posts", columns=["id uuid"]), "already"),
+    (dict(name="posts", columns=["title text; DROP TABLE clients"]), "one column"),
+    (dict(name="clients", columns=[]), "rtv-db's own"),
+    (dict(name="posts", columns=["title text"], unique=[("nope",)]), "does not have"),
+    (dict(name="posts", columns=["title text"], parents=[Parent("brand_kits", "kit_id", on_delete="SET NULL")]), "on_delete"),
+])
+def test_bad_definitions_are_refused(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        tenant_table_sql(**kwargs)
