@@ -969,3 +969,28 @@ def test_upgrading_a_distributed_database_is_refused(citus_target: Target) -> No
     with pytest.raises(MigrationError, match="upgrading a distributed Citus database .* is not supported"):
         migrate(citus_target.require_admin(), citus_target.settings, other)
     assert current_revision(citus_target.require_admin()) == before
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_the_shards_keep_the_columns_statistics_targets(citus_target: Target) -> None:
+    # Revision 0006's STATISTICS 0 (no planner statistics on tenant content) must hold where the
+    # rows are: create_distributed_table copies each column's target to the shards. (Citus refuses
+    # ALTER COLUMN ... SET STATISTICS on a distributed table, one reason why migrate refuses to
+    # upgrade a distributed database.)
+    engine = _admin_engine(citus_target.require_admin())
+    with engine.connect() as conn:
+        for table in sorted(DISTRIBUTED_TABLES):
+            wanted = dict(conn.execute(text(
+                "SELECT attname::text, attstattarget FROM pg_attribute WHERE attrelid = CAST(:t AS regclass)"
+                " AND attnum > 0 AND NOT attisdropped"), {"t": table}).all())
+            rows = conn.execute(text(
+                "SELECT success, result FROM run_command_on_shards(CAST(:t AS regclass), $$SELECT string_agg("
+                "attname || '=' || attstattarget, ',' ORDER BY attname) FROM pg_attribute WHERE attrelid = '%s'::regclass"
+                " AND attnum > 0 AND NOT attisdropped$$)"), {"t": table}).all()
+            assert rows
+            for ok, result in rows:
+                assert ok, result
+                assert dict((k, int(v)) for k, v in (p.split("=") for p in result.split(","))) == wanted, (table, result)
+    engine.dispose()

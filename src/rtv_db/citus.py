@@ -158,6 +158,8 @@ def is_citus(conn: Connection) -> bool:
 
 def has_distributed_tables(conn: Connection) -> bool:
     """True when some table of this database is already a Citus table."""
+    if conn.exec_driver_sql("SELECT to_regclass('pg_catalog.pg_dist_partition')").scalar() is None:
+        return False
     return bool(conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition)").scalar())
 
 
