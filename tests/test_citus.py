@@ -994,3 +994,22 @@ def test_the_shards_keep_the_columns_statistics_targets(citus_target: Target) ->
                 assert ok, result
                 assert dict((k, int(v)) for k, v in (p.split("=") for p in result.split(","))) == wanted, (table, result)
     engine.dispose()
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_verify_reports_privileges_left_on_a_worker(citus_target: Target) -> None:
+    engine = _admin_engine(citus_target.require_admin())
+    grant = "GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO PUBLIC"
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT run_command_on_workers($${grant}$$)")
+            conn.commit()
+            codes = [f.code for f in citus.check_citus(conn, None)]
+        assert codes == ["CITUS_WORKER_PRIVILEGES"]
+    finally:  # migrate puts the revoke back on every worker
+        assert any("revoked" in a for a in migrate(citus_target.require_admin(), citus_target.settings).citus_actions)
+    with engine.connect() as conn:
+        assert list(citus.check_citus(conn, None)) == []
+    engine.dispose()

@@ -1042,6 +1042,20 @@ def check_citus(conn: Connection, config: Any = None) -> Iterator[CitusFinding]:
     tenant_column = getattr(config, "tenant_column", TENANT_COLUMN)
     plan = plan_distribution(conn, schema, tenant_column=tenant_column)
     yield from plan_findings(plan, propagation_set=_role_has_propagation(conn, runtime_role), runtime_role=runtime_role)
+    try:  # asks every worker (run_command_on_workers): an admin's verify only
+        with conn.begin_nested():
+            exposed = worker_exposure(conn, runtime_role)
+    except Exception:  # noqa: BLE001  (a role that may not run commands on the workers cannot tell)
+        _log.debug("citus: worker privileges not checked", exc_info=True)
+        return
+    if exposed:
+        yield CitusFinding(
+            "CITUS_WORKER_PRIVILEGES", "error", f"role {runtime_role}",
+            f"on {', '.join(exposed)} {runtime_role} keeps privileges the bootstrap revokes on the coordinator",
+            "function grants are per node: a query pushed down to the shards runs its function calls on the workers"
+            " as the runtime role (other sessions' query text, signalling backends, advisory locks), and"
+            " run_command_* runs any SQL on every worker",
+            _FIX_MIGRATE)
 
 
 # -- shard names in error messages -------------------------------------------------------------------
