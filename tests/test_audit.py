@@ -150,7 +150,7 @@ def test_platform_actions_and_clients_are_audited(db, system, tenants, account_a
     scope = with_tenant_scope(db, tenants.a, platform_account_id=account_a, lane="api", correlation_id="act-1")
     action = scope.scoped_insert(platform_actions, {"kind": "post"})[0]
     scope.scoped_update(platform_actions, {"status": "running"}, platform_actions.c.id == action.id)
-    scope.scoped_update(clients, {"name": "Client A renamed"}, clients.c.id == tenants.a)
+    scope.scoped_update(clients, {"name": "Client A renamed"}, all_rows=True)  # the tenant's own row
 
     events = all_events(system, correlation_id="act-1")
     assert [(e.action, e.table_name) for e in events] == [
