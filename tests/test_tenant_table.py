@@ -223,3 +223,10 @@ def test_the_cli_writes_a_revision_after_the_head(tmp_path):
 def test_bad_definitions_are_refused(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         tenant_table_sql(**kwargs)
+
+
+def test_a_helper_table_keeps_no_statistics_on_tenant_content(posts, admin_conn):
+    rows = dict(admin_conn.execute(
+        "SELECT attname, attstattarget FROM pg_attribute WHERE attrelid = 'posts'::regclass AND attnum > 0 "
+        "AND NOT attisdropped").fetchall())
+    assert {c for c, target in rows.items() if target == 0} == set(rows) - {"client_id", "id"}, rows

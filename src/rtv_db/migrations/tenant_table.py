@@ -10,7 +10,9 @@ prevent. :func:`tenant_table_sql` writes the whole step as plain SQL a reviewer 
 * ``ENABLE`` and ``FORCE ROW LEVEL SECURITY`` and the ``tenant_isolation`` policy in the
   project's form (``client_id = (SELECT rtv.current_tenant_id())``, an InitPlan);
 * the audit trigger, the grants (DML for the runtime and system roles, nothing for PUBLIC: no
-  TRUNCATE, REFERENCES or TRIGGER).
+  TRUNCATE, REFERENCES or TRIGGER);
+* ``STATISTICS 0`` on every column but ``client_id`` and ``id``, as revision 0006 does for the
+  core tables.
 
 On Citus nothing else is written here: ``rtv-db migrate`` distributes every table with a
 ``client_id`` after the revisions run (co-located with the other tenant tables) and rewrites its
@@ -126,6 +128,10 @@ def tenant_table_sql(
     index_sets = [["client_id", p.column] for p in parents] + [_led_by_client_id(c, known, "index") for c in indexes]
     for names in index_sets:
         statements.append(f"CREATE INDEX {table}_{'_'.join(names)}_idx ON {table} ({', '.join(names)});")
+    # No planner statistics on tenant content (revision 0006, docs/statistics.md): estimates
+    # computed over every tenant's rows would tell a tenant about the others' values.
+    content = [*defined, *(p.column for p in parents if p.column not in defined), "created_at", "updated_at"]
+    statements.append("\n".join(f"ALTER TABLE {table} ALTER COLUMN {c} SET STATISTICS 0;" for c in content))
     statements.append(f"""ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {table} FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON {table}
