@@ -91,10 +91,13 @@ def test_plan_of_the_migrated_schema(admin_sa: Connection) -> None:
     assert by_name["audit_events", "audit_events_trigger_insert"].with_check == \
         "(client_id = COALESCE(rtv.current_tenant_id(), client_id))"
     # rtv-db's audit triggers are planned, not refused: kept (with the table's name as second
-    # argument) on every distributed tenant table, dropped on the reference table clients.
+    # argument) on every distributed tenant table; on the reference table clients with a third,
+    # 'reference' (the Citus form of the function writes its event on one node only).
     audit = {t.table: t for t in plan.audit_triggers}
     assert set(audit) == TENANT_TABLES | {"clients"}
-    assert audit["clients"].kind == "drop" and audit["clients"].args == ("id",)
+    assert audit["clients"].kind == "relabel" and audit["clients"].args == ("id",)
+    assert audit["clients"].wanted_args == ("id", "clients", "reference")
+    assert plan.audit_guard  # the function has no guard yet
     for name in TENANT_TABLES:
         t = audit[name]
         assert (t.trigger, t.kind, t.args, t.wanted_args) == ("audit_row_change", "relabel", ("client_id",), ("client_id", name))
@@ -188,13 +191,14 @@ def _audit_events(system: SystemScope, row_id: uuid.UUID) -> list[tuple[str, str
 
 def test_audit_triggers_in_their_citus_form_on_postgres(admin_sa: Connection, db: Database, system: SystemScope) -> None:
     # What the distribution step does to the audit triggers, run here on plain tables: each
-    # tenant table's trigger passes its own name, the one on clients is gone.
+    # tenant table's trigger passes its own name, the one on clients also 'reference'.
     with admin_sa.begin():
         actions = citus.apply_audit_triggers(admin_sa, citus.plan_distribution(admin_sa))
-    assert len(actions) == 6 and any("clients: audit trigger audit_row_change dropped" in a for a in actions)
+    assert len(actions) == 6 and any("clients: audit trigger audit_row_change passes the table name (id, clients,"
+                                     " reference)" in a for a in actions)
     plan = citus.plan_distribution(admin_sa)
     assert plan.problems == () and plan.pending_audit_triggers == []
-    assert {(t.table, t.kind) for t in plan.audit_triggers} == {(n, "keep") for n in TENANT_TABLES}
+    assert {(t.table, t.kind) for t in plan.audit_triggers} == {(n, "keep") for n in TENANT_TABLES | {"clients"}}
     assert citus.apply_audit_triggers(admin_sa, plan) == []
     admin_sa.rollback()
     # Each audited write still leaves exactly one event, named by the logical table.
@@ -204,10 +208,10 @@ def test_audit_triggers_in_their_citus_form_on_postgres(admin_sa: Connection, db
     scope.scoped_update(brand_kits, {"tone": {"voice": "calm"}}, brand_kits.c.id == kit.id)
     scope.scoped_delete(brand_kits, brand_kits.c.id == kit.id)
     assert _audit_events(system, kit.id) == [("INSERT", "brand_kits"), ("UPDATE", "brand_kits"), ("DELETE", "brand_kits")]
-    # The documented gap: on Citus, changes of clients rows are not audited.
+    # clients rows are audited too (on PostgreSQL the 'reference' argument changes nothing).
     with system.transaction() as conn:
         conn.execute(text("UPDATE clients SET name = 'renamed' WHERE id = :a"), {"a": a})
-    assert _audit_events(system, a) == []
+    assert _audit_events(system, a) == [("INSERT", "clients"), ("UPDATE", "clients")]
 
 
 def test_the_trigger_on_a_shard_records_the_logical_table_name(admin_sa: Connection, system: SystemScope) -> None:
@@ -639,21 +643,22 @@ def test_migrate_distributed_every_tenant_table(citus_target: Target) -> None:
         assert list(citus.check_citus(conn, None)) == []
         plan = citus.plan_distribution(conn)
         assert plan.citus and plan.pending == [] and plan.functions == () and plan.policy_rewrites == ()
-        assert {(t.table, t.kind) for t in plan.audit_triggers} == {(n, "keep") for n in TENANT_TABLES}
-        # The audit trigger is on every shard of the tenant tables, on the workers; none on clients.
+        assert {(t.table, t.kind) for t in plan.audit_triggers} == {(n, "keep") for n in TENANT_TABLES | {"clients"}}
+        assert not plan.audit_guard
+        # The audit trigger is on every shard of the tenant tables and on every copy of clients.
         # Placements on the workers (the coordinator, group 0, is not asked); the workers also
         # hold shell tables with the trigger, hence only relations named like a shard are counted.
         placements = conn.execute(text("""
             SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid)
             WHERE p.groupid <> 0 AND s.logicalrelid::regclass::text = ANY(:tables)"""),
-            {"tables": sorted(TENANT_TABLES)}).scalar()
+            {"tables": sorted(TENANT_TABLES | {"clients"})}).scalar()
         on_workers = conn.exec_driver_sql(
             "SELECT result FROM run_command_on_workers($$SELECT count(*) FROM pg_trigger"
             " WHERE left(tgname, 16) = 'audit_row_change' AND NOT tgisinternal"
             " AND tgrelid::regclass::text ~ '_[0-9]+$'$$)").scalars().all()
         assert placements and sum(int(r) for r in on_workers) == placements, (on_workers, placements)
         assert conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname = 'audit_row_change'").scalar() == 0
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname = 'audit_row_change'").scalar() == 1
         # The policy functions exist on every worker.
         results = conn.exec_driver_sql(
             "SELECT success, result FROM run_command_on_workers($$SELECT rtv.current_tenant_id() IS NULL$$)").all()
@@ -779,11 +784,11 @@ def test_an_audited_write_on_citus_leaves_exactly_one_event(citus_target: Target
         page = read_audit_trail(scope, row_id=kit.id)
         assert [(e.action, e.table_name, e.correlation_id) for e in reversed(page.events)] == \
             [(act, "brand_kits", f"citus-{a.hex[:8]}") for act in ("INSERT", "UPDATE", "DELETE")]
-        # clients is a reference table: its trigger was dropped, so a change of the row is not
-        # audited (the documented gap), and the write itself succeeds.
+        # clients is a reference table: its trigger fires on every node's copy, and the event is
+        # written once, on the node of the tenant's audit_events shard.
         with system.transaction() as conn:
             conn.execute(text("UPDATE clients SET name = name || ' (renamed)' WHERE id = :a"), {"a": a})
-        assert _audit_events(system, a) == []
+        assert _audit_events(system, a) == [("INSERT", "clients"), ("UPDATE", "clients")]
     finally:
         with system.transaction() as conn:  # cascades to the tenant tables: one DELETE event per row
             conn.execute(text("DELETE FROM clients WHERE id = :a"), {"a": a})

@@ -69,6 +69,7 @@ __all__ = [
     "PolicyRewrite",
     "AuditTrigger",
     "AUDIT_TRIGGER_FUNCTION",
+    "AUDIT_REFERENCE_GUARD",
     "DistributionPlan",
     "CitusFinding",
     "is_citus",
@@ -106,6 +107,19 @@ _UNSAFE_TRIGGERS_SETTING = "citus.enable_unsafe_triggers"
 # other trigger stays a problem. It reads the logical table name from its second argument.
 AUDIT_TRIGGER_FUNCTION = "rtv.audit_row_change"
 _AUDIT_NAME_ARGUMENT = "COALESCE(TG_ARGV[1], TG_TABLE_NAME)"  # what 0003's function records
+# The Citus form of the audit function: on a reference table's placement, write the event only on
+# the node that holds the tenant's audit_events shard (the one insert Citus runs locally there);
+# the other placements skip it. pg_dist_* are each node's local metadata (synced to the workers).
+_AUDIT_GUARD_MARK = "-- citus: reference-table guard"
+AUDIT_REFERENCE_GUARD = f"""{_AUDIT_GUARD_MARK}
+        IF TG_ARGV[2] = 'reference' AND NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_dist_placement p
+               WHERE p.shardid = pg_catalog.get_shard_id_for_distribution_column('public.audit_events', tenant)
+                 AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)) THEN
+            RETURN NULL;
+        END IF;
+        """
+_AUDIT_INSERT = "INSERT INTO public.audit_events"
 
 # The readers the policies call, in the plain form of revision 0002 (read app.* settings, no
 # table, SECURITY INVOKER): what a worker can evaluate inside a shard query. Installed by the
@@ -206,10 +220,13 @@ AuditTriggerKind = Literal["keep", "relabel", "drop"]
 class AuditTrigger:
     """One of rtv-db's audit triggers, and what the distribution does with it.
 
-    ``keep``: on a tenant table, already passing (tenant column, logical table name).
-    ``relabel``: on a tenant table, re-created with those two arguments.
-    ``drop``: on a table without ``client_id`` (``clients``), dropped: on a reference table it
-    would fire on every node, and its insert into the distributed trail is refused there.
+    ``keep``: already passing (tenant column, logical table name[, ``'reference'``]).
+    ``relabel``: re-created with those arguments.
+    On a table without ``client_id`` (``clients``, a reference table) the third argument
+    ``'reference'`` makes the Citus form of the function (:data:`AUDIT_REFERENCE_GUARD`) write the
+    event only on the node that holds the tenant's ``audit_events`` shard: the trigger fires on
+    every node's copy, and only there is the insert local (elsewhere Citus refuses it).
+    ``drop`` is no longer planned (before issue 12 the trigger on ``clients`` was dropped).
     """
 
     table: str
@@ -217,10 +234,12 @@ class AuditTrigger:
     kind: AuditTriggerKind
     args: tuple[str, ...]  # the trigger's current arguments
     definition: str  # pg_get_triggerdef: re-created from it, with new arguments, on relabel
+    reference: bool = False  # on a reference table (no client_id)
 
     @property
     def wanted_args(self) -> tuple[str, ...]:
-        return ((self.args[0] if self.args else TENANT_COLUMN), self.table)
+        base = ((self.args[0] if self.args else TENANT_COLUMN), self.table)
+        return base + ("reference",) if self.reference else base
 
 
 @dataclass(frozen=True)
@@ -239,6 +258,8 @@ class DistributionPlan:
     # Readers the policies call that still verify a signed token (read rtv_secret): replaced by
     # PLAIN_CONTEXT_READERS in unsigned mode; refused in signed mode.
     context_readers: tuple[str, ...] = ()
+    # The audit function lacks AUDIT_REFERENCE_GUARD while a reference table has the trigger.
+    audit_guard: bool = False
 
     @property
     def reference_tables(self) -> list[PlannedTable]:
@@ -611,15 +632,19 @@ def plan_distribution(
                 if args != item.wanted_args:
                     item = AuditTrigger(table, trigger, "relabel", args, definition)
             else:
-                item = AuditTrigger(table, trigger, "drop", args, definition)
+                item = AuditTrigger(table, trigger, "keep", args, definition, reference=True)
+                if args != item.wanted_args:
+                    item = AuditTrigger(table, trigger, "relabel", args, definition, reference=True)
             audit.append(item)
         elif not allow_triggers and state.get(oid_of[table], ("local",))[0] == "local":
             problems.append(
                 f"{table}: trigger {trigger} (Citus runs triggers on the shards only with"
                 " citus.enable_unsafe_triggers; this path is not verified for rtv-db)"
             )
+    audit_guard = False
     if any(t.kind != "drop" for t in audit):
         source = conn.execute(_FUNCTION_SOURCE_SQL, {"name": AUDIT_TRIGGER_FUNCTION}).scalar()
+        audit_guard = any(t.reference for t in audit) and _AUDIT_GUARD_MARK not in (source or "")
         if source is None or _AUDIT_NAME_ARGUMENT not in source:
             problems.append(
                 f"{AUDIT_TRIGGER_FUNCTION} does not read the table's logical name from its second argument"
@@ -665,7 +690,7 @@ def plan_distribution(
         problems.append("the distributed tenant tables are in different colocation groups: "
                         + ", ".join(f"{t.name}={t.colocation_id}" for t in done_dist))
     return DistributionPlan(schema, tuple(planned), tuple(rewrites), tuple(functions), tuple(problems), citus,
-                            tuple(audit), database_context_mode(conn), _signed_readers(conn))
+                            tuple(audit), database_context_mode(conn), _signed_readers(conn), audit_guard)
 
 
 # -- applying it -------------------------------------------------------------------------------------
@@ -731,6 +756,20 @@ def apply_audit_triggers(conn: Connection, plan: DistributionPlan) -> list[str]:
         else:
             done.append(f"{t.table}: audit trigger {t.trigger} dropped (a reference table: it would fire on every node)")
     return done
+
+
+def _apply_audit_guard(conn: Connection, plan: DistributionPlan) -> list[str]:
+    """Install the Citus form of the audit function (:data:`AUDIT_REFERENCE_GUARD`) when needed."""
+    if not plan.audit_guard:
+        return []
+    definition = conn.exec_driver_sql(
+        f"SELECT pg_catalog.pg_get_functiondef(to_regprocedure('{AUDIT_TRIGGER_FUNCTION}()'))").scalar()
+    if not definition or definition.count(_AUDIT_INSERT) != 1:
+        raise MigrationError(f"cannot find the audit insert in {AUDIT_TRIGGER_FUNCTION}() to guard it for reference tables")
+    conn.exec_driver_sql(definition.replace(_AUDIT_INSERT, AUDIT_REFERENCE_GUARD + _AUDIT_INSERT),
+                         execution_options={"no_parameters": True})
+    return [f"function {AUDIT_TRIGGER_FUNCTION}(): on a reference table, the event is written on the node of the"
+            " tenant's audit_events shard only"]
 
 
 def apply_context_readers(conn: Connection, plan: DistributionPlan) -> list[str]:
@@ -841,6 +880,7 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
         # and it stays off for everything else (a foreign trigger is still refused).
         conn.exec_driver_sql(f"SET LOCAL {_UNSAFE_TRIGGERS_SETTING} TO on")
     actions += apply_policy_rewrites(conn, plan)
+    actions += _apply_audit_guard(conn, plan)
     actions += apply_audit_triggers(conn, plan)
     # Before the functions are distributed, so that the workers get the plain readers.
     actions += apply_context_readers(conn, plan)
@@ -1000,6 +1040,13 @@ def plan_findings(plan: DistributionPlan, *, propagation_set: bool, runtime_role
             yield CitusFinding(
                 "CITUS_AUDIT_TRIGGER", "error", obj, f"the audit trigger on {trig.table} does not pass the table's name",
                 "on Citus the trigger fires on a shard: its events would record the shard's name", _FIX_MIGRATE)
+    if plan.audit_guard:
+        yield CitusFinding(
+            "CITUS_AUDIT_TRIGGER", "error", f"function {AUDIT_TRIGGER_FUNCTION}()",
+            "the audit function does not write a reference table's events on one node only",
+            "the trigger on a reference table fires on every node; without the guard its insert is refused on the"
+            " nodes that do not hold the tenant's audit_events shard, and every write to the table fails",
+            _FIX_MIGRATE)
     for signature in plan.functions:
         yield CitusFinding(
             "CITUS_FUNCTION_NOT_DISTRIBUTED", "error", f"function {signature}",
