@@ -25,7 +25,7 @@ _LABELS = {
     "rls_psycopg_unsigned": "as rls_psycopg, unsigned context (rtv.set_tenant_context, the debugging mode)",
     "set_config_unsigned": "as rls_psycopg_unsigned, but the plain settings set with set_config(..., true) instead of the PL/pgSQL setter",
     "sqlalchemy_core": "plain SQLAlchemy Core, no rtv-db: engine.begin() + select, system role, same pool settings (pre-ping on)",
-    "core": "rtv-db Core, signed (as shipped): with_tenant_scope(db, t).scoped_get / scoped_query / scoped_insert (pooled, pre-ping on: the default)",
+    "core": "rtv-db Core, signed (as shipped): with_tenant_scope(db, t).scoped_get / scoped_query / scoped_insert (pooled, pre-ping after 10 s idle: the default)",
     "core_unsigned": "rtv-db Core, unsigned context (RTV_DB_CONTEXT_MODE=unsigned)",
     "core_no_ping": "rtv-db Core, signed, pool_pre_ping=False",
     "orm": "rtv-db ORM, signed: tenant_session(db, ctx) + session.get",
@@ -116,7 +116,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(signed / unsigned {_per(pr, 'orm', 'orm_unsigned')}); psycopg signed {_ratio(pr, 'rls_psycopg')}, unsigned {_ratio(pr, 'rls_psycopg_unsigned')} |",
         f"| 1. the context costs no extra round trip | **{'met' if pw['rls_psycopg']['round_trips_per_op'] <= bw else 'not met'}**: "
         f"BEGIN + signed context pipelined (`rls_psycopg`) {pw['rls_psycopg']['round_trips_per_op']:.0f} round trips/op vs {bw:.0f} for the baseline; "
-        f"rtv-db Core {pw['core']['round_trips_per_op']:.0f} with the pool's pre-ping (+1), "
+        f"rtv-db Core {pw['core']['round_trips_per_op']:.0f} as shipped (pre-ping only after idle), "
         f"{pw['core_no_ping']['round_trips_per_op']:.0f} with pool_pre_ping=False |" if "core_no_ping" in pw else "| 1. round trips | - |",
         f"| 1. point read, RLS + predicate vs predicate alone (`rls_query_only`, no context statement) | {_ratio(pr, 'rls_query_only')} |",
         f"| 2. tenant list, RLS + predicate vs predicate ≤ 1.05×, query alone (`rls_query_only`, unsigned) | {_verdict(tl.get('rls_query_only', {}).get('ratio'), 1.05)} |",

@@ -167,8 +167,34 @@ def test_backend_killed_mid_transaction(db, system, five, admin_conn) -> None:
         "SELECT pid FROM pg_stat_activity WHERE usename = 'rtv_app'")}
 
 
-def test_backend_killed_while_idle_in_the_pool(db, system, five, admin_conn) -> None:
-    """Every idle pooled backend killed: pre-ping replaces them, the caller never notices."""
+def test_backend_killed_while_idle_in_the_pool(target, system, five, admin_conn) -> None:
+    """Every idle pooled backend killed: pre-ping (after idle) replaces them, the caller never notices."""
+    db = Database(target.runtime_url, options=EngineOptions(pre_ping_after_idle=0.2))
+    try:
+        _kill_idle_pool_then_use(db, system, five, admin_conn, idle=0.3)
+    finally:
+        db.close()
+
+
+def test_backend_killed_moments_after_use_fails_one_call(target, system, five, admin_conn) -> None:
+    """Within the idle window there is no ping (no round trip per checkout): the one call that meets
+    the dead backend fails with the connection invalidated, and the next one works."""
+    db = Database(target.runtime_url, options=EngineOptions(pool_size=1, max_overflow=0, pre_ping_after_idle=60))
+    try:
+        scope = with_tenant_scope(db, five[0])
+        scope.scoped_query(knowledge_bases)
+        (pid,) = admin_conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'rtv_app' AND datname = current_database()").fetchone()
+        _terminate(admin_conn, pid)
+        with pytest.raises(sqlalchemy.exc.OperationalError) as info:
+            scope.scoped_query(knowledge_bases)
+        assert info.value.connection_invalidated
+        assert len(scope.scoped_query(knowledge_bases)) == len(with_tenant_scope(db, five[0]).scoped_query(knowledge_bases))
+    finally:
+        db.close()
+
+
+def _kill_idle_pool_then_use(db, system, five, admin_conn, *, idle: float) -> None:
     with ExitStack() as stack:  # fill the pool with a few connections
         for tenant in five[:3]:
             tx = stack.enter_context(with_tenant_scope(db, tenant).scoped_transaction())
@@ -180,14 +206,16 @@ def test_backend_killed_while_idle_in_the_pool(db, system, five, admin_conn) -> 
     for pid in pids:
         _terminate(admin_conn, pid)
     print(f"\nidle pool: {len(pids)} idle backends killed")
+    time.sleep(idle)  # past the idle threshold: every checkout pings
     check_after_fault(db, system, five, before)
 
 
 def test_backend_killed_without_pre_ping(target, system, five, admin_conn) -> None:
-    """Without pre-ping the dead backend is found by the context statement that opens the transaction.
+    """Without pre-ping the dead backend is found by the pipeline that opens the transaction.
 
-    That statement is sent on the driver (pipelined with BEGIN); its error must still come out as
-    SQLAlchemy's OperationalError with the connection invalidated, and the next call must work.
+    For a one-call scoped transaction that pipeline carries BEGIN, the context and the call's own
+    statement (issue 13); its error must still come out as SQLAlchemy's OperationalError with the
+    connection invalidated, without the token, and the next call must work.
     """
     db = Database(target.runtime_url, options=EngineOptions(pool_pre_ping=False, pool_size=1, max_overflow=0))
     try:
@@ -200,8 +228,8 @@ def test_backend_killed_without_pre_ping(target, system, five, admin_conn) -> No
         with pytest.raises(sqlalchemy.exc.OperationalError) as info:
             scope.scoped_insert(knowledge_bases, {"name": "never"})
         assert info.value.connection_invalidated
-        assert "rtv.set_signed_context" in str(info.value)
-        assert "v1." not in str(info.value)  # the token is not repeated in the error
+        assert "INSERT INTO knowledge_bases" in str(info.value)  # the statement the call made
+        assert "v2." not in str(info.value)  # the token is not repeated in the error
         check_after_fault(db, system, five, before)
     finally:
         db.close()

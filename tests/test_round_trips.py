@@ -1,26 +1,82 @@
-"""The clean session and the tenant context cost no extra round trip: they travel with BEGIN."""
+"""A scoped call in its own transaction is one round trip: BEGIN, the clean session, the tenant
+context, the statement and COMMIT travel together (issue 13)."""
 
 from __future__ import annotations
+
+import pytest
 
 from bench.wire import WireCounter
 from rtv_db import Database, brand_kits, with_tenant_scope
 
 
-def test_scoped_point_read_takes_three_round_trips_like_hand_written_sql(target, tenants):
+@pytest.fixture()
+def wired(target):
     counter = WireCounter(target.runtime_url)
     db = Database(counter.proxied_url(target.runtime_url), pool_pre_ping=False)
+    yield counter, db
+    db.close()
+    counter.close()
+
+
+def _start(trip: list[str]) -> None:
+    assert trip[0].startswith("BEGIN ISOLATION LEVEL") and trip[1] == "SELECT rtv.clean_session()", trip
+    assert "set_signed_context" in trip[2], trip
+
+
+def test_a_scoped_call_is_one_round_trip(wired, tenants):
+    counter, db = wired
+    scope = with_tenant_scope(db, tenants.a)
+    [kit] = scope.scoped_query(brand_kits)  # warm: connect, role check
+    calls = {
+        "get": lambda: scope.scoped_get(brand_kits, kit.id),
+        "query": lambda: scope.scoped_query(brand_kits),
+        "insert": lambda: scope.scoped_insert(brand_kits, {"name": "Second"}),
+        "update": lambda: scope.scoped_update(brand_kits, {"name": "Third"}, brand_kits.c.name == "Second"),
+        "delete": lambda: scope.scoped_delete(brand_kits, brand_kits.c.name == "Third"),
+    }
+    for name, call in calls.items():
+        before = counter.snapshot()
+        call()
+        spent = counter.snapshot().minus(before)
+        assert spent.round_trips == 1, (name, spent.transcript)
+        (trip,) = spent.transcript
+        _start(trip)
+        assert len(trip) == 5 and trip[-1] == "COMMIT", (name, trip)
+    assert scope.scoped_get(brand_kits, kit.id).name == "Brand A"
+
+
+def test_a_scoped_transaction_costs_one_more_per_statement(wired, tenants):
+    counter, db = wired
+    scope = with_tenant_scope(db, tenants.a)
+    scope.scoped_query(brand_kits)
+    before = counter.snapshot()
+    with scope.scoped_transaction() as tx:
+        tx.scoped_query(brand_kits)
+        tx.scoped_query(brand_kits)
+    spent = counter.snapshot().minus(before)
+    # BEGIN + clean + context; two statements; COMMIT
+    assert spent.round_trips == 4, spent.transcript
+    _start(spent.transcript[0])
+    assert spent.transcript[-1] == ["COMMIT"]
+
+
+def test_the_default_pool_pings_only_after_idle(target, tenants):
+    from rtv_db import EngineOptions
+
+    counter = WireCounter(target.runtime_url)
+    db = Database(counter.proxied_url(target.runtime_url), options=EngineOptions(pre_ping_after_idle=0.3))
     try:
         scope = with_tenant_scope(db, tenants.a)
-        [kit] = scope.scoped_query(brand_kits)  # warm: connect, role check
+        scope.scoped_query(brand_kits)
         before = counter.snapshot()
-        assert scope.scoped_get(brand_kits, kit.id).name == "Brand A"
-        spent = counter.snapshot().minus(before)
-        # Hand-written: BEGIN; SELECT ...; COMMIT -- three round trips. rtv-db: the same three.
-        assert spent.round_trips == 3, spent.transcript
-        first = spent.transcript[0]
-        assert first[0].startswith("BEGIN"), spent.transcript
-        assert first[1:] == ["SELECT rtv.clean_session()", first[2]] and "set_signed_context" in first[2], spent.transcript
-        assert spent.transcript[-1] == ["COMMIT"]
+        scope.scoped_query(brand_kits)  # used a moment ago: no ping
+        assert counter.snapshot().minus(before).round_trips == 1
+        import time
+
+        time.sleep(0.4)
+        before = counter.snapshot()
+        scope.scoped_query(brand_kits)  # idle past the threshold: one ping first
+        assert counter.snapshot().minus(before).round_trips == 2
     finally:
         db.close()
         counter.close()

@@ -58,7 +58,8 @@ class EngineOptions:
     max_overflow: int = 5
     pool_timeout: float = 10.0  # seconds to wait for a free connection before PoolTimeout
     pool_recycle: int = 1800  # seconds; replace connections before server/proxy idle limits
-    pool_pre_ping: bool = True  # a dead connection is replaced, not handed out
+    pool_pre_ping: bool = True  # a connection idle for pre_ping_after_idle s is checked at checkout
+    pre_ping_after_idle: float = 10.0  # seconds; 0: every checkout (SQLAlchemy's pool_pre_ping)
     connect_timeout: int = 5
     statement_timeout_ms: int | None = None
     idle_in_transaction_timeout_ms: int | None = None
@@ -86,7 +87,7 @@ class EngineOptions:
             "max_overflow": self.max_overflow,
             "pool_timeout": self.pool_timeout,
             "pool_recycle": self.pool_recycle,
-            "pool_pre_ping": self.pool_pre_ping,
+            "pool_pre_ping": self.pool_pre_ping and self.pre_ping_after_idle <= 0,
             "connect_args": connect_args,
         }
 
@@ -254,6 +255,14 @@ def _install(engine: Engine, url: str, *, check_role: bool, context_key: Any = N
     install_constraint_errors(engine)
 
 
+def _install_ping(engine: Engine, options: EngineOptions, engine_kwargs: dict[str, Any]) -> None:
+    # An explicit pool_pre_ping engine argument is SQLAlchemy's own (every checkout, or never).
+    if options.pool_pre_ping and options.pre_ping_after_idle > 0 and "pool_pre_ping" not in engine_kwargs:
+        from ._idle_ping import install_idle_ping
+
+        install_idle_ping(engine, options.pre_ping_after_idle)
+
+
 class Database:
     """The application's handle on PostgreSQL: a pooled engine on the runtime role.
 
@@ -269,6 +278,7 @@ class Database:
         kwargs = self.options.engine_kwargs() | engine_kwargs
         self.engine: Engine = create_engine(self.url, **kwargs)
         _install(self.engine, self.url, check_role=check_role, context_key=context_key)
+        _install_ping(self.engine, self.options, engine_kwargs)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "Database":
@@ -313,6 +323,7 @@ class AsyncDatabase:
         kwargs = self.options.engine_kwargs() | engine_kwargs
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         _install(self.engine.sync_engine, self.url, check_role=check_role, context_key=context_key)
+        _install_ping(self.engine.sync_engine, self.options, engine_kwargs)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "AsyncDatabase":

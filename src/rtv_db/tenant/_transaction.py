@@ -12,6 +12,10 @@ pipeline mode so that they cost one network round trip as ``BEGIN`` alone would:
    in unsigned mode (``RTV_DB_CONTEXT_MODE=unsigned``, debugging only)
    ``rtv.set_tenant_context(...)`` with the plain ids.
 
+A scoped call in its own transaction (``scope.scoped_get(...)`` and the like: one statement,
+marked with :data:`SINGLE_STATEMENT_OPTION`) goes further: the three are held back and sent with
+the call's statement and ``COMMIT``, one pipeline, one round trip in all.
+
 (The driver runs in autocommit so that rtv-db, not psycopg, sends ``BEGIN``; psycopg's
 ``commit()`` and ``rollback()`` act on the server's transaction state.) None of these goes
 through a server-side prepared statement, which SQL on the same connection could redefine.
@@ -38,10 +42,13 @@ from sqlalchemy.util import await_
 from ..errors import ConfigurationError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
-__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
+__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SINGLE_STATEMENT_OPTION", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
 PROBE_OPTION: Final = "rtv_connection_probe"
+# Set by the scoped API on the transaction of one call: exactly one statement runs in it, so
+# BEGIN, the clean session, the context, that statement and COMMIT can travel together.
+SINGLE_STATEMENT_OPTION: Final = "rtv_single_statement"
 
 
 class _System:
@@ -231,28 +238,131 @@ def _on_begin(conn: Connection) -> None:
         return
     for sql, params in statements:
         remember_token(conn, sql, params)
+    if driver.autocommit and conn.get_execution_options().get(SINGLE_STATEMENT_OPTION):
+        # Sent with the transaction's one statement (_execute_with_begin): one round trip in all.
+        conn.connection.info[_PENDING] = statements
+        return
+    _start(conn, driver, statements)
+
+
+def _start(conn: Connection, driver: Any, statements: Statements) -> None:
+    """Send what starts the transaction, in one pipeline; errors as rtv-db reports them."""
     try:
         if isinstance(driver, psycopg.AsyncConnection):
             await_(_send_async(driver, statements))
         else:
             _send_sync(driver, statements)  # type: ignore[arg-type]
-    except psycopg.errors.InvalidAuthorizationSpecification as exc:
+    except psycopg.Error as exc:
+        _raise_start_error(conn, driver, statements, exc)
+
+
+def _raise_start_error(conn: Connection, driver: Any, statements: Statements, exc: psycopg.Error) -> None:
+    if isinstance(exc, psycopg.errors.InvalidAuthorizationSpecification):
         raise TenantContextRefusedError(str(exc).splitlines()[0]) from exc
-    except psycopg.errors.UndefinedFunction as exc:
+    if isinstance(exc, psycopg.errors.UndefinedFunction) and "rtv." in str(exc):
         conn.invalidate(exc)
         raise ConfigurationError(
             f"the database is not migrated for this version of rtv-db ({str(exc).splitlines()[0]}): run rtv-db migrate"
         ) from exc
+    # Sent on the driver, outside SQLAlchemy's execute: translate the error as SQLAlchemy would
+    # (sqlalchemy.exc.OperationalError, ...). The connection leaves the pool: a transaction that
+    # could not start clean leaves a session nobody should reuse.
+    lost = conn.dialect.is_disconnect(exc, driver, None)
+    conn.invalidate(exc)
+    sql, params = statements[-1]
+    raise DBAPIError.instance(  # hide_parameters: the token does not belong in error messages or logs
+        sql, params, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
+    ) from exc
+
+
+# -- one round trip for a single-statement transaction ----------------------------------------------
+
+_PENDING: Final = "rtv_pending_begin"
+_COMMIT: Final = "COMMIT"
+
+
+def _take_pending(context: Any) -> Statements | None:
+    if not context.execution_options.get(SINGLE_STATEMENT_OPTION):
+        return None  # every statement outside the scoped API's one-call transactions
+    conn = context.root_connection
+    if conn.invalidated:
+        return None
+    return conn.connection.info.pop(_PENDING, None)  # type: ignore[no-any-return]
+
+
+def _is_start_error(exc: psycopg.Error, statements: Statements) -> bool:
+    """Whether the pipeline failed in what starts the transaction, not in the caller's statement."""
+    return isinstance(exc, (psycopg.errors.InvalidAuthorizationSpecification,)) or (
+        isinstance(exc, psycopg.errors.UndefinedFunction) and "rtv." in str(exc))
+
+
+def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
+    """``do_execute``: the deferred start, the statement and COMMIT in one pipeline.
+
+    Only in a transaction the scoped API opened for one call (:data:`SINGLE_STATEMENT_OPTION`);
+    everything else executes as usual. A server-side cursor cannot run in a pipeline: then the
+    start is sent alone first, and COMMIT comes from SQLAlchemy as always.
+    """
+    pending = _take_pending(context)
+    if pending is None:
+        return None
+    conn = context.root_connection
+    driver = conn.connection.driver_connection
+    if getattr(cursor, "name", None) or getattr(cursor, "server_side", False):
+        _start(conn, driver, pending)
+        return None
+    try:
+        if isinstance(driver, psycopg.AsyncConnection):
+            await_(_pipeline_async(driver, pending, cursor, statement, parameters))
+        else:
+            _pipeline_sync(driver, pending, cursor, statement, parameters)
     except psycopg.Error as exc:
-        # Sent on the driver, outside SQLAlchemy's execute: translate the error as SQLAlchemy would
-        # (sqlalchemy.exc.OperationalError, ...). The connection leaves the pool: a transaction
-        # that could not start clean leaves a session nobody should reuse.
-        lost = conn.dialect.is_disconnect(exc, driver, None)
-        conn.invalidate(exc)
-        sql, params = statements[-1]
-        raise DBAPIError.instance(  # hide_parameters: the token does not belong in error messages or logs
-            sql, params, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
-        ) from exc
+        if _is_start_error(exc, pending):
+            _raise_start_error(conn, driver, pending, exc)
+        raise  # the statement's (or COMMIT's) own error: SQLAlchemy reports it as usual
+    return True
+
+
+def _execute_no_params_with_begin(cursor: Any, statement: str, context: Any) -> bool | None:
+    """``do_execute_no_params``: as :func:`_execute_with_begin`."""
+    return _execute_with_begin(cursor, statement, None, context)
+
+
+def _execute_many_with_begin(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+    """``do_executemany``: the deferred start goes first (psycopg pipelines the rows itself)."""
+    pending = _take_pending(context)
+    if pending is not None:
+        _start(context.root_connection, context.root_connection.connection.driver_connection, pending)
+
+
+def _pipeline_sync(driver: psycopg.Connection[Any], pending: Statements, cursor: Any, statement: str, parameters: Any) -> None:
+    _forget_prepared(driver)
+    with driver.pipeline():
+        for sql, params in pending:
+            driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        if parameters is None:
+            cursor.execute(statement)
+        else:
+            cursor.execute(statement, parameters)
+        driver.execute(_COMMIT, prepare=False)
+
+
+async def _pipeline_async(driver: psycopg.AsyncConnection[Any], pending: Statements, cursor: Any, statement: str,
+                          parameters: Any) -> None:
+    # ``cursor`` is SQLAlchemy's adapter around a psycopg AsyncCursor: it keeps the rows itself,
+    # fetched at once (its own execute does the same after the statement).
+    _forget_prepared(driver)
+    raw = cursor._cursor
+    async with driver.pipeline():
+        for sql, params in pending:
+            await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        await (raw.execute(statement) if parameters is None else raw.execute(statement, parameters))
+        await driver.execute(_COMMIT, prepare=False)
+    result = raw.pgresult
+    if result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK:
+        import collections
+
+        cursor._rows = collections.deque(await raw.fetchall())
 
 
 # The setter parameters of the tokens the open transaction on a pooled connection has used.
@@ -268,7 +378,9 @@ def remember_token(conn: Connection, sql: str, params: tuple[Any, ...] | None) -
 
 def _on_commit(conn: Connection) -> None:
     if not conn.invalidated:
-        conn.connection.info.pop(_OPEN_TOKENS, None)  # their rows are committed: the tokens are spent
+        info = conn.connection.info
+        info.pop(_OPEN_TOKENS, None)  # their rows are committed: the tokens are spent
+        info.pop(_PENDING, None)  # a single-statement transaction that ran no statement: nothing was sent
 
 
 def _on_rollback(conn: Connection) -> None:
@@ -282,6 +394,9 @@ def _on_rollback(conn: Connection) -> None:
     if conn.invalidated:
         return
     pooled = conn.connection
+    if pooled.info.pop(_PENDING, None) is not None:  # nothing was sent: nothing to roll back or spend
+        pooled.info.pop(_OPEN_TOKENS, None)
+        return
     tokens = pooled.info.pop(_OPEN_TOKENS, None)
     driver = pooled.driver_connection
     if not tokens or driver is None or driver.closed:
@@ -308,4 +423,7 @@ def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     event.listen(engine, "connect", _driver_autocommit)
     event.listen(engine, "begin", _on_begin)
     event.listen(engine, "commit", _on_commit)
+    event.listen(engine, "do_execute", _execute_with_begin)
+    event.listen(engine, "do_executemany", _execute_many_with_begin)
+    event.listen(engine, "do_execute_no_params", _execute_no_params_with_begin)
     event.listen(engine, "rollback", _on_rollback)

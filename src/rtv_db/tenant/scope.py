@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from ..connection import AsyncDatabase, Database
 from .context import Lane, TenantContext, use_tenant_context
 from ._statements import TableLike, build_delete, build_get, build_insert, build_select, build_update, resolve_table
-from ._transaction import CONTEXT_OPTION
+from ._transaction import CONTEXT_OPTION, SINGLE_STATEMENT_OPTION
 from .pagination import page_from_rows
 
 __all__ = ["TenantScope", "AsyncTenantScope", "with_tenant_scope", "TenantScopedDb"]
@@ -59,7 +59,8 @@ class TenantScope(_ScopeBase[Database]):
             yield self._conn
             return
         with use_tenant_context(self.context), self.db.engine.connect() as conn:
-            conn = conn.execution_options(**{CONTEXT_OPTION: self.context})
+            # One call, one statement: its transaction costs one round trip (tenant/_transaction.py).
+            conn = conn.execution_options(**{CONTEXT_OPTION: self.context, SINGLE_STATEMENT_OPTION: True})
             with conn.begin():
                 yield conn
 
@@ -161,7 +162,7 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
             return
         with use_tenant_context(self.context):
             async with self.db.engine.connect() as conn:
-                conn = await conn.execution_options(**{CONTEXT_OPTION: self.context})
+                conn = await conn.execution_options(**{CONTEXT_OPTION: self.context, SINGLE_STATEMENT_OPTION: True})
                 async with conn.begin():
                     yield conn
 
