@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,12 +23,13 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from rtv_db import Database, brand_kits, with_tenant_scope
 from rtv_db.audit import read_audit_trail
 from rtv_db.cli import cli
-from rtv_db.config import to_libpq_url
+from rtv_db.config import to_libpq_url, to_sqlalchemy_url
 from rtv_db.errors import InvalidInputError
 from rtv_db.migrate import head_revision
 from rtv_db.migrations.tenant_table import Parent, drop_tenant_table_sql, tenant_table_sql
@@ -230,3 +232,91 @@ def test_a_helper_table_keeps_no_statistics_on_tenant_content(posts, admin_conn)
         "SELECT attname, attstattarget FROM pg_attribute WHERE attrelid = 'posts'::regclass AND attnum > 0 "
         "AND NOT attisdropped").fetchall())
     assert {c for c, target in rows.items() if target == 0} == set(rows) - {"client_id", "id"}, rows
+
+
+# -- Citus: the same revision on a database that is distributed already -----------------------------
+
+CITUS_URL = os.environ.get("CITUS_URL")
+
+
+@pytest.fixture()
+def fresh_citus_database() -> Iterator[str]:
+    """A new database on every node of the cluster of CITUS_URL, set up as cluster.sh does."""
+    if not CITUS_URL:
+        pytest.skip("no Citus coordinator: set CITUS_URL (an admin URL) to run")
+    base = make_url(to_sqlalchemy_url(CITUS_URL))
+    with psycopg.connect(to_libpq_url(CITUS_URL), autocommit=True) as coordinator:
+        workers = coordinator.execute(
+            "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid <> 0 ORDER BY nodeid").fetchall()
+    name = f"rtv_tt_{uuid.uuid4().hex[:8]}"
+    nodes = [(base.host, base.port), *workers]
+
+    def on(host: str, port: int, database: str) -> psycopg.Connection:
+        return psycopg.connect(host=host, port=port, user=base.username, dbname=database, autocommit=True)
+
+    for host, port in nodes:
+        with on(host, port, "postgres") as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        with on(host, port, name) as conn:
+            conn.execute("CREATE EXTENSION citus")
+            conn.execute("CREATE EXTENSION vector")
+    with on(base.host, base.port, name) as conn:
+        conn.execute("SELECT citus_set_coordinator_host(%s, %s)", (base.host, base.port))
+        for host, port in workers:
+            conn.execute("SELECT citus_add_node(%s, %s)", (host, port))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        for host, port in reversed(nodes):
+            with on(host, port, "postgres") as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.citus
+def test_a_helper_revision_applies_to_a_distributed_citus_database(fresh_citus_database, tmp_path, monkeypatch):
+    import importlib
+    import shutil
+
+    from rtv_db import SystemScope, migrate
+    from rtv_db.config import Settings
+
+    from conftest import make_tenants
+
+    migrate_module = importlib.import_module("rtv_db.migrate")  # (rtv_db.migrate is also the function)
+    monkeypatch.setenv("RTV_DB_CONTEXT_MODE", "unsigned")  # the one mode rtv-db supports on Citus
+    settings = Settings.from_env()
+    admin = fresh_citus_database
+    migrate(admin, settings)  # head, distributed
+    migrations = tmp_path / "migrations"
+    shutil.copytree(migrate_module._MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    result = CliRunner().invoke(cli, [
+        "revision", "--tenant-table", "posts", "--column", "title text NOT NULL",
+        "--parent", "brand_kits:brand_kit_id", "--unique", "title", "--dir", str(migrations / "versions")])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(migrate_module, "_MIGRATIONS", migrations)
+    upgraded = migrate(admin, settings)
+    assert int(upgraded.after) == int(upgraded.before) + 1
+    assert any("posts" in action for action in upgraded.citus_actions), upgraded.citus_actions
+    with psycopg.connect(to_libpq_url(admin)) as conn:
+        colocated = conn.execute(
+            "SELECT p.colocationid = b.colocationid FROM pg_dist_partition p, pg_dist_partition b "
+            "WHERE p.logicalrelid = 'posts'::regclass AND b.logicalrelid = 'brand_kits'::regclass").fetchone()
+    assert colocated == (True,)  # distributed, co-located with its parent
+
+    target_runtime = settings.derived_runtime_url(to_sqlalchemy_url(admin))
+    system = SystemScope(settings.derived_system_url(to_sqlalchemy_url(admin)), reason="citus tenant table test")
+    db = Database(target_runtime)
+    try:
+        a, b = make_tenants(system, "A", "B")
+        kit_a, kit_b = _kit(db, a), _kit(db, b)
+        _insert_post(db, a, kit_a, "distributed post")
+        assert _titles(db, a) == ["distributed post"] and _titles(db, b) == []
+        with pytest.raises(IntegrityError):
+            _insert_post(db, a, kit_b, "cross")  # B's brand kit: the composite key, on the shards
+        with system.transaction() as conn:  # the audit trigger fires on the shard, with the logical name
+            assert conn.execute(text("SELECT count(*) FROM audit_events WHERE table_name = 'posts' AND client_id = :a"),
+                                {"a": a}).scalar_one() == 1
+        assert migrate(admin, settings).after == upgraded.after  # and again: nothing to do
+    finally:
+        db.close()
+        system.close()

@@ -120,6 +120,22 @@ def _worker_hardening(bootstrap_sql: str) -> str:
                       *(m.group(0) for m in _WORKER_BLOCKS.finditer(bootstrap_sql)), "COMMIT;"])
 
 
+def _new_tables_only(before: str | None, wanted: str) -> bool:
+    """Whether every revision from ``before`` to ``wanted`` only creates new tenant tables.
+
+    Such a revision (``citus_new_tables_only = True``, as ``rtv-db revision --tenant-table``
+    writes it) changes nothing that is distributed: its tables are created on the coordinator
+    and the distribution step distributes them. Any other revision on a distributed database
+    is refused.
+    """
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    scripts = list(ScriptDirectory.from_config(cfg).iterate_revisions(wanted, before))
+    return bool(scripts) and all(getattr(s.module, "citus_new_tables_only", False) for s in scripts)
+
+
 def _run(admin_url: str, settings: Settings, action: str, revision: str) -> MigrationResult:
     url = to_sqlalchemy_url(admin_url)
     engine = create_engine(url, poolclass=NullPool)
@@ -138,7 +154,7 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
 
                 citus.refuse_signed_context(context_mode())
                 wanted = head_revision() if revision == "head" else revision
-                if before != wanted and citus.has_distributed_tables(conn):
+                if before != wanted and citus.has_distributed_tables(conn) and not _new_tables_only(before, wanted):
                     # The revisions run without DDL propagation (below): on distributed tables
                     # their DDL would change the coordinator's tables and not the shards.
                     raise MigrationError(

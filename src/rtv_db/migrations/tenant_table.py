@@ -165,7 +165,8 @@ _REVISION_TEMPLATE = '''"""Tenant table {table}: written by `rtv-db revision --t
 
 Every rule of a tenant table, spelled out (rtv_db.migrations.tenant_table): the key and foreign
 keys led by client_id, ENABLE + FORCE row-level security, the tenant_isolation policy, the
-audit trigger and the grants. On Citus, `rtv-db migrate` distributes it after this revision.
+audit trigger and the grants. On Citus, `rtv-db migrate` distributes it after this revision,
+also on a database that is distributed already.
 
 Revision ID: {revision}
 Revises: {down_revision}
@@ -178,6 +179,8 @@ revision = "{revision}"
 down_revision = {down_literal}
 branch_labels = None
 depends_on = None
+# It only creates a new table: `rtv-db migrate` may apply it to a distributed Citus database too.
+citus_new_tables_only = True
 
 
 def upgrade() -> None:
