@@ -283,7 +283,7 @@ CASES: list[Case] = [
     Case("where-raw-string", lambda w: w.scope().scoped_delete(brand_kits, "1=1"), sqlalchemy.exc.ArgumentError, "text"),
     Case("table-name-string", lambda w: w.scope().scoped_query("brand_kits"), IIE, "expected a table"),
     Case("table-not-tenant", lambda w: w.scope().scoped_query(Table("t", MetaData(), Column("id"))), IIE, "not a tenant table"),
-    Case("get-id-not-uuid", lambda w: w.scope().scoped_get(brand_kits, "1 OR 1=1"), ICE, "id is not a UUID"),
+    Case("get-id-not-uuid", lambda w: w.scope().scoped_get(brand_kits, "1 OR 1=1"), IIE, "id is not a UUID"),
     # The SQL setters themselves, called directly as the runtime role with what Python would refuse.
     Case("sql-plain-setter", lambda w: _raw_sql(w, "SELECT rtv.set_tenant_context(%s)", str(w.a)),
          psycopg.errors.InsufficientPrivilege, "must be signed"),

@@ -239,9 +239,14 @@ def _paged(table: TableLike, ctx: TenantContext, where: Sequence[ColumnElement[b
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    """A row id: malformed is bad input (InvalidInputError), not a malformed tenant context."""
+    from ..errors import InvalidInputError, InvalidTenantContextError
     from .context import parse_uuid
 
-    parsed = parse_uuid(value, "id")
+    try:
+        parsed = parse_uuid(value, "id")
+    except InvalidTenantContextError as exc:
+        raise InvalidInputError(str(exc)) from None
     assert parsed is not None
     return parsed
 
