@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script.revision import RevisionError
 from alembic.runtime.migration import MigrationContext
 from psycopg import sql
 from sqlalchemy import Connection, create_engine
@@ -132,7 +133,10 @@ def _new_tables_only(before: str | None, wanted: str) -> bool:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
-    scripts = list(ScriptDirectory.from_config(cfg).iterate_revisions(wanted, before))
+    try:
+        scripts = list(ScriptDirectory.from_config(cfg).iterate_revisions(wanted, before))
+    except RevisionError:
+        return False  # ``wanted`` is not ahead of ``before`` (an older revision, or another branch)
     return bool(scripts) and all(getattr(s.module, "citus_new_tables_only", False) for s in scripts)
 
 
