@@ -25,6 +25,7 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
     assert data["sizes"]["name"] == "smoke"
     workloads = data["workloads"]
     assert set(workloads) == {"point_read", "tenant_list", "context_switch", "concurrency", "writes", "scale"}
+    unsigned_sql: list[str] = []
     for name in ("point_read", "tenant_list"):
         latency = workloads[name]["latency"]
         assert {"baseline", "rls_query_only", "rls_psycopg", "rls_psycopg_unsigned", "core", "core_unsigned"} <= set(latency)
@@ -41,12 +42,18 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
         assert wire["rls_query_only"]["round_trips_per_op"] == 3
         # rtv-db signs by default; its BEGIN travels with the context in one round trip.
         assert any("BEGIN" in trip[0] and any("set_signed_context" in sql for sql in trip) for trip in wire["core"]["one_op"])
-        assert any("set_tenant_context" in sql for trip in wire["core_unsigned"]["one_op"] for sql in trip)
+        unsigned_sql.extend(sql for trip in wire["core_unsigned"]["one_op"] for sql in trip)
+    # (One recorded operation per workload; the proxy's transcript is shared by every connection,
+    # so one of the two is enough to show the unsigned setter.)
+    assert any("set_tenant_context" in sql for sql in unsigned_sql), unsigned_sql
     point_wire = workloads["point_read"]["wire"]
     # One round trip for the whole call (issue 13): BEGIN, clean session, context, SELECT, COMMIT;
     # the pool pings only a connection idle for 10 s, so none here.
     assert point_wire["core_no_ping"]["round_trips_per_op"] == 1
-    assert point_wire["core"]["round_trips_per_op"] == 1
+    # As shipped, a connection idle for 10 s (the latency rounds of other variants may take that
+    # long on a loaded machine) is pinged once before its first operation: at most one per count.
+    ops = data["sizes"]["wire_ops"]
+    assert 1 <= point_wire["core"]["round_trips_per_op"] <= 1 + 1 / ops
     assert {"orm", "orm_unsigned"} <= set(workloads["point_read"]["latency"])
     # The audit trail exists on main: workload 6 measures scoped inserts with and without it.
     assert workloads["writes"]["audit_trail_present"]
