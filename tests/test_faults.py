@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -176,16 +177,22 @@ def test_backend_killed_while_idle_in_the_pool(target, system, five, admin_conn)
         db.close()
 
 
+def _use_then_kill_the_backend(db: Database, tenant, admin_conn) -> Any:
+    """A scope on a one-connection pool whose backend was killed right after a call."""
+    scope = with_tenant_scope(db, tenant)
+    scope.scoped_query(knowledge_bases)
+    (pid,) = admin_conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE usename = 'rtv_app' AND datname = current_database()").fetchone()
+    _terminate(admin_conn, pid)
+    return scope
+
+
 def test_backend_killed_moments_after_use_fails_one_call(target, system, five, admin_conn) -> None:
     """Within the idle window there is no ping (no round trip per checkout): the one call that meets
     the dead backend fails with the connection invalidated, and the next one works."""
     db = Database(target.runtime_url, options=EngineOptions(pool_size=1, max_overflow=0, pre_ping_after_idle=60))
     try:
-        scope = with_tenant_scope(db, five[0])
-        scope.scoped_query(knowledge_bases)
-        (pid,) = admin_conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE usename = 'rtv_app' AND datname = current_database()").fetchone()
-        _terminate(admin_conn, pid)
+        scope = _use_then_kill_the_backend(db, five[0], admin_conn)
         with pytest.raises(sqlalchemy.exc.OperationalError) as info:
             scope.scoped_query(knowledge_bases)
         assert info.value.connection_invalidated
@@ -219,11 +226,7 @@ def test_backend_killed_without_pre_ping(target, system, five, admin_conn) -> No
     """
     db = Database(target.runtime_url, options=EngineOptions(pool_pre_ping=False, pool_size=1, max_overflow=0))
     try:
-        scope = with_tenant_scope(db, five[0])
-        scope.scoped_query(knowledge_bases)
-        (pid,) = admin_conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE usename = 'rtv_app' AND datname = current_database()").fetchone()
-        _terminate(admin_conn, pid)
+        scope = _use_then_kill_the_backend(db, five[0], admin_conn)
         before = table_counts(system)
         with pytest.raises(sqlalchemy.exc.OperationalError) as info:
             scope.scoped_insert(knowledge_bases, {"name": "never"})
