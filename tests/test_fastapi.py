@@ -24,7 +24,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (the d
 from fastapi import Depends, FastAPI  # noqa: E402
 
 from rtv_db import Database, TenantScope, brand_kits, knowledge_bases, with_tenant_scope  # noqa: E402
-from rtv_db.fastapi import Tenancy, header_tenant, install_exception_handlers, jwt_claim_tenant, path_tenant  # noqa: E402
+from rtv_db.fastapi import Tenancy, install_exception_handlers, jwt_claim_tenant, path_tenant  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -43,6 +43,6 @@ def test_server_info_and_url(data_dir) -> None:
     with psycopg.connect(info["admin_url"]) as conn:  # the URLs work as printed
         assert conn.execute("SHOW port").fetchone()[0] == str(info["port"])
     text = runner.invoke(cli, ["server", "info"], env=env)
-    assert text.exit_code == 0 and f"port" in text.output and info["runtime_url"] in text.output
+    assert text.exit_code == 0 and "port" in text.output and info["runtime_url"] in text.output
     url = runner.invoke(cli, ["server", "url", "--role", "runtime"], env=env)
     assert url.exit_code == 0 and f"port={info['port']}" in url.output and "host=" in url.output

@@ -290,9 +290,9 @@ def _take_pending(context: Any) -> Statements | None:
     return conn.connection.info.pop(_PENDING, None)  # type: ignore[no-any-return]
 
 
-def _is_start_error(exc: psycopg.Error, statements: Statements) -> bool:
+def _is_start_error(exc: psycopg.Error) -> bool:
     """Whether the pipeline failed in what starts the transaction, not in the caller's statement."""
-    return isinstance(exc, (psycopg.errors.InvalidAuthorizationSpecification,)) or (
+    return isinstance(exc, psycopg.errors.InvalidAuthorizationSpecification) or (
         isinstance(exc, psycopg.errors.UndefinedFunction) and "rtv." in str(exc))
 
 
@@ -317,7 +317,7 @@ def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: A
         else:
             _pipeline_sync(driver, pending, cursor, statement, parameters)
     except psycopg.Error as exc:
-        if _is_start_error(exc, pending):
+        if _is_start_error(exc):
             _raise_start_error(conn, driver, pending, exc)
         raise  # the statement's (or COMMIT's) own error: SQLAlchemy reports it as usual
     return True
