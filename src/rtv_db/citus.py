@@ -152,7 +152,7 @@ PLAIN_CONTEXT_READERS: dict[str, str] = {
 }
 _SECRET_SCHEMA = "rtv_secret"
 
-# verify codes (src/rtv_db/verify.py) that do not apply on Citus: Citus forbids the scalar
+# verify codes (src/rtv_db/verify/) that do not apply on Citus: Citus forbids the scalar
 # subselect that check recommends, so the per-row call is the only form a policy can take.
 SUPERSEDED_VERIFY_CODES = frozenset({"POLICY_PER_ROW_CONTEXT"})
 
