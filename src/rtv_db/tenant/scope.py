@@ -22,6 +22,7 @@ from .context import Lane, TenantContext, use_tenant_context
 from ._statements import TableLike, build_delete, build_get, build_insert, build_select, build_update, resolve_table
 from ._transaction import CONTEXT_OPTION, SINGLE_STATEMENT_OPTION
 from .pagination import page_from_rows
+from .search import SimilarChunk, similar_chunks_statement, to_results
 
 __all__ = ["TenantScope", "AsyncTenantScope", "with_tenant_scope", "TenantScopedDb"]
 
@@ -112,6 +113,17 @@ class TenantScope(_ScopeBase[Database]):
         with self._connection() as conn:
             return list(conn.execute(stmt))
 
+    def similar_chunks(self, embedding: Sequence[float], k: int = 10, *, knowledge_base_id: uuid.UUID | str | None = None,
+                       metric: str = "cosine", max_distance: float | None = None,
+                       with_embedding: bool = False) -> list[SimilarChunk]:
+        """This tenant's ``k`` knowledge chunks nearest to ``embedding``, nearest first, with their
+        distance: an exact search within the tenant (rtv_db.tenant.search). Another tenant's
+        knowledge base reads like a missing one: no results."""
+        stmt, params = similar_chunks_statement(self.context, embedding, k, knowledge_base_id=knowledge_base_id,
+                                                metric=metric, max_distance=max_distance, with_embedding=with_embedding)
+        with self._connection() as conn:
+            return to_results(list(conn.execute(stmt, params)), with_embedding)
+
     @contextmanager
     def scoped_transaction(self) -> Iterator["TenantScope"]:
         """One transaction for several calls: commits on success, rolls back on any exception.
@@ -197,6 +209,15 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
         stmt = build_delete(resolve_table(table), self.context, where, all_rows)
         async with self._connection() as conn:
             return list(await conn.execute(stmt))
+
+    async def similar_chunks(self, embedding: Sequence[float], k: int = 10, *,
+                             knowledge_base_id: uuid.UUID | str | None = None, metric: str = "cosine",
+                             max_distance: float | None = None, with_embedding: bool = False) -> list[SimilarChunk]:
+        """The asyncio twin of :meth:`TenantScope.similar_chunks`."""
+        stmt, params = similar_chunks_statement(self.context, embedding, k, knowledge_base_id=knowledge_base_id,
+                                                metric=metric, max_distance=max_distance, with_embedding=with_embedding)
+        async with self._connection() as conn:
+            return to_results(list(await conn.execute(stmt, params)), with_embedding)
 
     @asynccontextmanager
     async def scoped_transaction(self) -> AsyncIterator["AsyncTenantScope"]:
