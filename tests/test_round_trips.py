@@ -39,7 +39,9 @@ def test_a_scoped_call_is_one_round_trip(wired, tenants):
         call()
         spent = counter.snapshot().minus(before)
         assert spent.round_trips == 1, (name, spent.transcript)
-        (trip,) = spent.transcript
+        # The proxy's transcript may cut one pipeline in two where the client wrote it in pieces;
+        # the round trips above are what the server answered.
+        trip = [sql for part in spent.transcript for sql in part]
         _start(trip)
         assert len(trip) == 5 and trip[-1] == "COMMIT", (name, trip)
     assert scope.scoped_get(brand_kits, kit.id).name == "Brand A"
