@@ -41,7 +41,8 @@ def test_bench_smoke_writes_results(cluster, tmp_path: Path) -> None:
         assert wire["rls_psycopg_unsigned"]["round_trips_per_op"] == 3
         assert wire["rls_query_only"]["round_trips_per_op"] == 3
         # rtv-db signs by default; its BEGIN travels with the context in one round trip.
-        assert any("BEGIN" in trip[0] and any("set_signed_context" in sql for sql in trip) for trip in wire["core"]["one_op"])
+        sent = [sql for trip in wire["core"]["one_op"] for sql in trip]
+        assert any(sql.startswith("BEGIN") for sql in sent) and any("set_signed_context" in sql for sql in sent), sent
         unsigned_sql.extend(sql for trip in wire["core_unsigned"]["one_op"] for sql in trip)
     # (One recorded operation per workload; the proxy's transcript is shared by every connection,
     # so one of the two is enough to show the unsigned setter.)
