@@ -35,10 +35,16 @@ class WireSnapshot:
     transcript: list[list[str]] = field(default_factory=list)
 
     def minus(self, before: "WireSnapshot") -> "WireSnapshot":
+        # Statements sent before the server answered the last trip of ``before`` extend that trip:
+        # they belong to this delta too.
+        n = len(before.transcript)
+        grown = []
+        if n and len(self.transcript) >= n and len(self.transcript[n - 1]) > len(before.transcript[n - 1]):
+            grown = [self.transcript[n - 1][len(before.transcript[n - 1]):]]
         return WireSnapshot(
             self.round_trips - before.round_trips,
             self.statements - before.statements,
-            self.transcript[len(before.transcript):],
+            grown + self.transcript[n:],
         )
 
 
@@ -133,7 +139,8 @@ class WireCounter:
 
     def snapshot(self) -> WireSnapshot:
         with self._lock:
-            return WireSnapshot(self._snap.round_trips, self._snap.statements, list(self._snap.transcript))
+            # A copy of every trip: the last one may still grow (a snapshot must not).
+            return WireSnapshot(self._snap.round_trips, self._snap.statements, [list(t) for t in self._snap.transcript])
 
     def close(self) -> None:
         self._closed = True
