@@ -62,6 +62,7 @@ from sqlalchemy.engine import make_url
 
 from bench.concurrency import run_threads
 from bench.env import machine_info
+from bench.harness import interleave_rounds
 from bench.variants import POINT_SQL, make_ops
 from rtv_db.config import Settings, to_libpq_url, to_sqlalchemy_url
 from rtv_db.seed.synthetic import load_synthetic
@@ -188,27 +189,6 @@ def build_variants(dbs: dict[str, dict[str, Any]], ops: list[Any], rows: int) ->
 
         fns[f"{key}_raw"] = raw
     return fns, closers
-
-
-def interleave(fns: dict[str, Callable[[int], None]], *, rounds: int, batch: int, warmup: int) -> dict[str, list[list[float]]]:
-    """bench/harness.py's interleaving, keeping each round's samples apart (seconds)."""
-    names = list(fns)
-    for name in names:
-        for i in range(warmup):
-            fns[name](i)
-    samples: dict[str, list[list[float]]] = {name: [] for name in names}
-    clock = time.perf_counter
-    op = 0
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, out = fns[name], []
-            for i in range(batch):
-                start = clock()
-                fn(op + i)
-                out.append(clock() - start)
-            samples[name].append(out)
-        op += batch
-    return samples
 
 
 def summarize(samples: dict[str, list[list[float]]]) -> dict[str, dict[str, Any]]:
@@ -347,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(f"latency: {len(fns)} variants interleaved", flush=True)
             t0 = time.perf_counter()
-            samples = interleave(fns, rounds=args.rounds, batch=args.batch, warmup=args.warmup)
+            samples = interleave_rounds(fns, rounds=args.rounds, batch=args.batch, warmup=args.warmup)
             latency_s = time.perf_counter() - t0
         finally:
             for fn in reversed(closers):

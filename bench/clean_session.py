@@ -161,7 +161,8 @@ def build(runtime_url: str, system_url: str, ops: list[Op]) -> Variants:
 
 
 def interleave(fns: dict[str, Callable[[int], None]], *, rounds: int, batch: int, warmup: int) -> dict[str, list[list[float]]]:
-    """bench/harness.py's interleaving, keeping each round's samples apart (seconds)."""
+    """bench/harness.py's ``interleave_rounds``, copied: this file also runs against an older tree's
+    bench/ (``--mode before``), whose harness does not have it."""
     names = list(fns)
     for name in names:
         for i in range(warmup):

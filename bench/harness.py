@@ -85,3 +85,24 @@ def interleave(
                 out.append(clock() - start)
         op += batch
     return summarize(samples, baseline)
+
+
+def interleave_rounds(fns: dict[str, Callable[[int], None]], *, rounds: int, batch: int, warmup: int) -> dict[str, list[list[float]]]:
+    """As :func:`interleave`, keeping each round's samples apart (seconds): for per-round ratios."""
+    names = list(fns)
+    for name in names:
+        for i in range(warmup):
+            fns[name](i)
+    samples: dict[str, list[list[float]]] = {name: [] for name in names}
+    clock = time.perf_counter
+    op = 0
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, out = fns[name], []
+            for i in range(batch):
+                start = clock()
+                fn(op + i)
+                out.append(clock() - start)
+            samples[name].append(out)
+        op += batch
+    return samples
