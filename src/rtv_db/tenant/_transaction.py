@@ -22,6 +22,13 @@ through a server-side prepared statement, which SQL on the same connection could
 Everything happens inside the transaction, so it holds behind PgBouncer's transaction pooling
 too, where each transaction may run on another backend.
 
+Transaction settings: the ``rtv_db_transaction_settings`` execution option
+(:data:`TRANSACTION_SETTINGS_OPTION`), a tuple of ``(name, value)`` pairs, adds
+``SELECT set_config(name, value, true)`` for each after the context, in the same pipeline (so
+the clean session's ``RESET ALL`` does not undo them, and they end with the transaction). Only
+the names in :data:`ALLOWED_TRANSACTION_SETTINGS` are taken; any other is
+:class:`~rtv_db.InvalidInputError` before anything is sent.
+
 Which context: the ``rtv_tenant_context`` execution option of the connection when present (a
 tenant scope or tenant session sets it), otherwise the contextvar of the running task. With
 neither, no context is set, and the database shows no rows and rejects writes.
@@ -29,9 +36,11 @@ neither, no context is set, and the database shows no rows and rejects writes.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import psycopg
@@ -39,16 +48,72 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import await_
 
-from ..errors import ConfigurationError, TenantContextRefusedError
+from ..errors import ConfigurationError, InvalidInputError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
-__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SINGLE_STATEMENT_OPTION", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
+__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SINGLE_STATEMENT_OPTION", "TRANSACTION_SETTINGS_OPTION",
+           "ALLOWED_TRANSACTION_SETTINGS", "transaction_settings", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
 PROBE_OPTION: Final = "rtv_connection_probe"
 # Set by the scoped API on the transaction of one call: exactly one statement runs in it, so
 # BEGIN, the clean session, the context, that statement and COMMIT can travel together.
 SINGLE_STATEMENT_OPTION: Final = "rtv_single_statement"
+# ((name, value), ...): transaction-local settings sent with what starts the transaction.
+TRANSACTION_SETTINGS_OPTION: Final = "rtv_db_transaction_settings"
+
+# The settings a transaction may ask for: planner and index-scan knobs only. Nothing that changes
+# what a statement may see or do (search_path, role, row_security, read-only, timeouts) is here.
+ALLOWED_TRANSACTION_SETTINGS: Final = frozenset({
+    "hnsw.ef_search",
+    "hnsw.iterative_scan",
+    "hnsw.max_scan_tuples",
+    "enable_seqscan",
+    "enable_sort",
+    "enable_indexscan",
+    "enable_bitmapscan",
+})
+_SET_CONFIG: Final = "SELECT set_config(%s::text, %s::text, true)"
+_MAX_SETTING_VALUE: Final = 256
+
+
+def _setting_value(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str) and len(value) <= _MAX_SETTING_VALUE and "\x00" not in value:
+        return value
+    raise InvalidInputError(f"transaction setting {name}: {type(value).__name__} value {str(value)[:40]!r} is not a setting value")
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_settings(settings: tuple[Any, ...]) -> tuple[tuple[str, str], ...]:
+    checked = []
+    for pair in settings:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise InvalidInputError(f"{TRANSACTION_SETTINGS_OPTION} takes (name, value) pairs, not {pair!r:.60}")
+        name, value = pair
+        if name not in ALLOWED_TRANSACTION_SETTINGS:
+            raise InvalidInputError(f"transaction setting {str(name)[:60]!r} is not allowed; allowed: "
+                                    + ", ".join(sorted(ALLOWED_TRANSACTION_SETTINGS)))
+        checked.append((name, _setting_value(name, value)))
+    return tuple(checked)
+
+
+def transaction_settings(settings: Any) -> tuple[tuple[str, str], ...]:
+    """``settings`` (pairs, or a mapping) checked against :data:`ALLOWED_TRANSACTION_SETTINGS`,
+    values as text; :class:`~rtv_db.InvalidInputError` otherwise."""
+    if isinstance(settings, Mapping):
+        settings = tuple(settings.items())
+    elif not isinstance(settings, tuple):
+        if isinstance(settings, (str, bytes)) or not isinstance(settings, Iterable):
+            raise InvalidInputError(f"{TRANSACTION_SETTINGS_OPTION} takes (name, value) pairs, not {type(settings).__name__}")
+        settings = tuple(tuple(p) if isinstance(p, list) else p for p in settings)
+    try:
+        return _checked_settings(settings)
+    except TypeError:  # an unhashable value: check it without the cache
+        return _checked_settings.__wrapped__(settings)
 
 
 class _System:
@@ -196,9 +261,13 @@ def _statements_for(conn: Connection, driver: Any) -> Statements:
     if conn.get_execution_options().get(PROBE_OPTION):
         return statements  # Database.test_connection(): reads server facts only, on any role
     statements.append((_CLEAN_SESSION, None))
+    options = conn.get_execution_options()
     ctx = _context_for(conn)
     if ctx is not None:
         statements.append(context_statement(conn, ctx))
+    settings = options.get(TRANSACTION_SETTINGS_OPTION)
+    if settings:  # after RESET ALL (clean session), local to this transaction
+        statements.extend((_SET_CONFIG, pair) for pair in transaction_settings(settings))
     if driver.read_only:
         statements.append((_READ_ONLY, None))
     return statements
@@ -411,6 +480,13 @@ def _on_rollback(conn: Connection) -> None:
         pass
 
 
+def _check_settings_option(_conn: Any, opts: Mapping[str, Any]) -> None:
+    """Refuse a setting outside the allowlist where the option is set, before anything is sent."""
+    settings = opts.get(TRANSACTION_SETTINGS_OPTION)
+    if settings:
+        transaction_settings(settings)
+
+
 def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
     """Leave transaction starts to :func:`_on_begin` (psycopg's commit and rollback still act on
     the server's transaction state, so COMMIT and ROLLBACK are sent as before)."""
@@ -421,6 +497,8 @@ def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     """Make every transaction on ``engine`` start with the current tenant context."""
     _SETTERS[_root(engine)] = ContextSetter(context_key)
     event.listen(engine, "connect", _driver_autocommit)
+    event.listen(engine, "set_connection_execution_options", _check_settings_option)
+    event.listen(engine, "set_engine_execution_options", _check_settings_option)
     event.listen(engine, "begin", _on_begin)
     event.listen(engine, "commit", _on_commit)
     event.listen(engine, "do_execute", _execute_with_begin)

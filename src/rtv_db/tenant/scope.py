@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from ..connection import AsyncDatabase, Database
 from .context import Lane, TenantContext, use_tenant_context
 from ._statements import TableLike, build_delete, build_get, build_insert, build_select, build_update, resolve_table
-from ._transaction import CONTEXT_OPTION, SINGLE_STATEMENT_OPTION
+from ._transaction import (_SET_CONFIG, CONTEXT_OPTION, SINGLE_STATEMENT_OPTION, TRANSACTION_SETTINGS_OPTION,
+                           transaction_settings)
 from .pagination import page_from_rows
 from .search import SimilarChunk, similar_chunks_statement, to_results
 
@@ -55,13 +56,20 @@ class TenantScope(_ScopeBase[Database]):
         self._conn = _conn
 
     @contextmanager
-    def _connection(self) -> Iterator[Connection]:
+    def _connection(self, settings: Any = ()) -> Iterator[Connection]:
+        """The connection of one call. ``settings``: ``(name, value)`` pairs from
+        ``ALLOWED_TRANSACTION_SETTINGS``, local to the call's transaction."""
         if self._conn is not None:
+            for name, value in transaction_settings(settings):  # the transaction has begun: set them now
+                self._conn.exec_driver_sql(_SET_CONFIG, (name, value))
             yield self._conn
             return
         with use_tenant_context(self.context), self.db.engine.connect() as conn:
             # One call, one statement: its transaction costs one round trip (tenant/_transaction.py).
-            conn = conn.execution_options(**{CONTEXT_OPTION: self.context, SINGLE_STATEMENT_OPTION: True})
+            options: dict[str, Any] = {CONTEXT_OPTION: self.context, SINGLE_STATEMENT_OPTION: True}
+            if settings:
+                options[TRANSACTION_SETTINGS_OPTION] = transaction_settings(settings)
+            conn = conn.execution_options(**options)
             with conn.begin():
                 yield conn
 
@@ -168,13 +176,18 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
         self._conn = _conn
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+    async def _connection(self, settings: Any = ()) -> AsyncIterator[AsyncConnection]:
         if self._conn is not None:
+            for name, value in transaction_settings(settings):
+                await self._conn.exec_driver_sql(_SET_CONFIG, (name, value))
             yield self._conn
             return
         with use_tenant_context(self.context):
             async with self.db.engine.connect() as conn:
-                conn = await conn.execution_options(**{CONTEXT_OPTION: self.context, SINGLE_STATEMENT_OPTION: True})
+                options: dict[str, Any] = {CONTEXT_OPTION: self.context, SINGLE_STATEMENT_OPTION: True}
+                if settings:
+                    options[TRANSACTION_SETTINGS_OPTION] = transaction_settings(settings)
+                conn = await conn.execution_options(**options)
                 async with conn.begin():
                     yield conn
 
