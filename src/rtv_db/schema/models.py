@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     ForeignKeyConstraint,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     Text,
@@ -161,13 +162,9 @@ class KnowledgeChunk(TenantModel):
             name="knowledge_chunks_knowledge_base_fkey",
             ondelete="CASCADE",
         ),
+        # No HNSW index over every tenant (revision 0007): a large tenant gets its own, partial on
+        # search_key (rtv_db.search_index), created at run time and not part of this model.
         Index("knowledge_chunks_client_id_knowledge_base_id_idx", "client_id", "knowledge_base_id"),
-        Index(
-            "knowledge_chunks_embedding_idx",
-            "embedding",
-            postgresql_using="hnsw",
-            postgresql_ops={"embedding": "vector_cosine_ops"},
-        ),
     )
 
     # Only the composite foreign key: the column-level one to clients belongs to other tables.
@@ -177,6 +174,9 @@ class KnowledgeChunk(TenantModel):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
     created_at: Mapped[datetime] = _created()
+    # The tenant's opaque search key once it has its own index; set by the database's trigger
+    # from rtv_secret.search_indexes whatever a writer sends (revision 0007).
+    search_key: Mapped[int | None] = mapped_column(Integer)
 
     knowledge_base: Mapped[KnowledgeBase] = relationship(back_populates="chunks")
 

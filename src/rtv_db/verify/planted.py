@@ -112,21 +112,22 @@ def check_signed_readers(conn: Connection, config: VerifyConfig) -> Iterator[Fin
 
 @register_check
 def check_tenant_table_triggers(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
-    """No trigger on a tenant table but rtv's audit trigger; no rule at all."""
+    """No trigger on a tenant table but rtv's own (audit, and the search key of revision 0007); no rule at all."""
     for t in tenant_tables(conn, config):
         for trigger, function in conn.execute(
             """
             SELECT tg.tgname, tg.tgfoid::regprocedure::text
             FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace
             WHERE tg.tgrelid = %s AND NOT tg.tgisinternal
-              AND NOT (tg.tgname = 'audit_row_change' AND n.nspname = %s AND p.proname = 'audit_row_change')
+              AND NOT (n.nspname = %s AND (tg.tgname, p.proname) IN (('audit_row_change', 'audit_row_change'),
+                                                                     ('assign_search_key', 'assign_search_key')))
             ORDER BY 1
             """,
             (t.oid, config.tenant_schema),
         ):
             yield Finding(
                 "TRIGGER_ON_TENANT_TABLE", "error", f"{t.name}: trigger {trigger}",
-                f"trigger {trigger} on {t.name} runs {function} (rtv installs only its audit trigger)",
+                f"trigger {trigger} on {t.name} runs {function} (rtv installs only its audit and search-key triggers)",
                 "A trigger runs on every tenant's rows, with its function owner's rights when SECURITY "
                 "DEFINER: it can copy each row into a table the runtime role reads, or change rows "
                 "RLS would not let the writer touch.",
