@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-citus test-soak bench bench-smoke clean
+.PHONY: demo test test-citus test-soak bench bench-smoke bench-search clean
 
 $(BIN)/rtv-db: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,23 @@ test-soak: $(BIN)/rtv-db
 
 # Benchmarks (bench/): its own throw-away embedded server; results in docs/benchmarks/.
 # BENCH_ARGS="--database-url postgresql://..." runs against another server (superuser URL).
-bench: $(BIN)/rtv-db
+# The bench extra (the peer libraries of bench/peers.py) on top of dev, once per pyproject.toml change.
+$(VENV)/.bench-extra: $(BIN)/rtv-db pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+bench: $(VENV)/.bench-extra
 	PYTHONPATH=src:. $(BIN)/python -m bench $(BENCH_ARGS)
 
 # Tiny sizes, well under a minute: checks the benchmark runs (results in build/bench-smoke/).
-bench-smoke: $(BIN)/rtv-db
+bench-smoke: $(VENV)/.bench-extra
 	PYTHONPATH=src:. $(BIN)/python -m bench --smoke $(BENCH_ARGS)
+	PYTHONPATH=src:. $(BIN)/python -m bench.search --smoke --no-progress $(BENCH_ARGS)
+
+# Similarity search (issue 14): 1,000 tenants x 200 chunks + one of 100,000, rtv-db against plain
+# pgvector's HNSW over all tenants and an exact scan; results in docs/benchmarks/search.md, .json.
+bench-search: $(BIN)/rtv-db
+	PYTHONPATH=src:. $(BIN)/python -m bench.search $(BENCH_ARGS)
 
 clean:
 	-$(BIN)/rtv-db server stop

@@ -54,6 +54,7 @@ class BenchServer:
         self._tmp: Path | None = None
         self._server: EmbeddedServer | None = None
         self._created: list[str] = []
+        self._after_close: list[Any] = []
         if database_url:
             self.settings = Settings(admin_url=None, runtime_url=None)
             self.admin_url = to_sqlalchemy_url(database_url)
@@ -78,6 +79,19 @@ class BenchServer:
         migrate(admin, self.settings)
         target = Target(admin, self.settings.derived_runtime_url(admin), self.settings.derived_system_url(admin), self.settings)
         return Dataset(name, target)
+
+    def create_database(self, purpose: str, owner: str | None = None) -> str:
+        """An empty database (dropped at close), owned by ``owner`` if given."""
+        name = f"rtv_bench_{purpose}_{uuid.uuid4().hex[:8]}"
+        with self.admin() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+                         + (sql.SQL(" OWNER {}").format(sql.Identifier(owner)) if owner else sql.SQL("")))
+        self._created.append(name)
+        return name
+
+    def after_close(self, fn: Any) -> None:
+        """Run ``fn()`` at close, after the databases are dropped (e.g. to drop roles that owned them)."""
+        self._after_close.append(fn)
 
     def load(self, ds: Dataset, tenants: int, rows: int) -> SyntheticResult:
         """Add ``tenants`` tenants (after those already loaded) with ``rows`` brand kits each; ANALYZE."""
@@ -137,6 +151,11 @@ class BenchServer:
                     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         except psycopg.Error:
             pass
+        for fn in reversed(self._after_close):
+            try:
+                fn()
+            except psycopg.Error:
+                pass
         if self._server is not None:
             self._server.stop()
         if self._tmp is not None:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import async_variants, latency, peers, server_time
 from .plans import Plan, plans_markdown
 
 __all__ = ["write_all", "TARGETS"]
@@ -24,7 +25,8 @@ _LABELS = {
     "rls_psycopg": "psycopg, runtime role, as rtv-db's begin hook: BEGIN + signed context (a token for the transaction) pipelined in one round trip, without rtv.clean_session() (bench/clean_session.py measures that step), RLS + literal predicate",
     "rls_psycopg_unsigned": "as rls_psycopg, unsigned context (rtv.set_tenant_context, the debugging mode)",
     "set_config_unsigned": "as rls_psycopg_unsigned, but the plain settings set with set_config(..., true) instead of the PL/pgSQL setter",
-    "sqlalchemy_core": "plain SQLAlchemy Core, no rtv-db: engine.begin() + select, system role, same pool settings (pre-ping on)",
+    "sqlalchemy_core": "plain SQLAlchemy Core, no rtv-db: engine.begin() + select built per call, system role, same pool settings (no ping per checkout)",
+    "sqlalchemy_core_once": "plain SQLAlchemy Core, no rtv-db, the statement built once (bind parameters), system role, same pool settings",
     "core": "rtv-db Core, signed (as shipped): with_tenant_scope(db, t).scoped_get / scoped_query / scoped_insert (pooled, pre-ping after 10 s idle: the default)",
     "core_unsigned": "rtv-db Core, unsigned context (RTV_DB_CONTEXT_MODE=unsigned)",
     "core_no_ping": "rtv-db Core, signed, pool_pre_ping=False",
@@ -179,6 +181,10 @@ def markdown(r: dict[str, Any]) -> str:
         out += _latency_table(wr["audit_cost"], labels=False)
     else:
         out += ["", "No audit trail in this database: the audit's cost is not measured in this run."]
+    for key, render in (("peers", peers.markdown), ("latency_model", latency.markdown), ("async_sync", async_variants.markdown),
+                        ("server_time", server_time.markdown)):
+        if r.get(key):
+            out += [""] + render(r[key])
     out += ["", "## EXPLAIN", "", "See [plans.md](plans.md). Checks: " + "; ".join(
         f"{p['title']}: index {'yes' if p['index_used'] else 'NO'}"
         + ("" if p["initplan_once"] is None else f", InitPlan once {'yes' if p['initplan_once'] else 'NO'}")

@@ -11,12 +11,12 @@ from typing import Any
 
 from rich.console import Console
 
-from . import concurrency
+from . import async_variants, concurrency, latency, peer_isolation, peers, server_time
 from .env import BenchServer, Dataset, machine_info
 from .harness import interleave
 from .plans import collect_plans
 from .variants import Op, Variants, context_switch, make_ops, point_read, tenant_list, writes
-from .wire import WireCounter
+from .wire import WireCounter, count_per_op
 
 __all__ = ["Sizes", "FULL", "SMOKE", "run_all"]
 
@@ -40,14 +40,16 @@ class Sizes:
     duration: float  # seconds per concurrency measurement
     conc_reps: int
     wire_ops: int
+    server_calls: int  # scoped_get calls counted in pg_stat_user_functions
+    explain_reps: int
 
 
 FULL = Sizes("full", tenants=1000, rows=1000, list_limit=100, scale_tenants=(10, 100, 1000, 10000), scale_rows=100,
              rounds=150, batch=20, warmup=200, scale_rounds=60, workers=(1, 4, 16, 64), pool=10, duration=3.0,
-             conc_reps=2, wire_ops=20)
+             conc_reps=2, wire_ops=20, server_calls=500, explain_reps=50)
 SMOKE = Sizes("smoke", tenants=20, rows=30, list_limit=20, scale_tenants=(5, 20), scale_rows=20,
               rounds=3, batch=10, warmup=10, scale_rounds=2, workers=(1, 4), pool=2, duration=0.3,
-              conc_reps=1, wire_ops=8)
+              conc_reps=1, wire_ops=8, server_calls=20, explain_reps=3)
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Results:
     load: dict[str, Any] = field(default_factory=dict)
     workloads: dict[str, Any] = field(default_factory=dict)
     plans: list[Any] = field(default_factory=list)
+    peers: dict[str, Any] = field(default_factory=dict)
+    latency_model: dict[str, Any] = field(default_factory=dict)
+    async_sync: dict[str, Any] = field(default_factory=dict)
+    server_time: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,32 +85,7 @@ def _wire(server: BenchServer, ds: Dataset, factory: Callable[[str, str], Varian
     """Round trips and statements per operation of each variant, counted on the wire."""
     assert ds.target.system_url is not None
     counter = WireCounter(ds.target.runtime_url)
-    v = factory(counter.proxied_url(ds.target.runtime_url), counter.proxied_url(ds.target.system_url))
-    out: dict[str, Any] = {}
-    try:
-        for name, fn in v.fns.items():
-            prepare = getattr(fn, "prepare", None) or (lambda i: None)
-            for i in range(10):  # past psycopg's prepare threshold (5): the steady state
-                prepare(i), fn(i)
-            # Each op's untimed prepare() is excluded from the counts, as from the timings.
-            total_rt = total_st = 0
-            for i in range(10, 10 + n):
-                prepare(i)
-                before = counter.snapshot()
-                fn(i)
-                after = counter.snapshot()
-                delta = after.minus(before)
-                total_rt += delta.round_trips
-                total_st += delta.statements
-            out[name] = {
-                "round_trips_per_op": round(total_rt / n, 2),
-                "statements_per_op": round(total_st / n, 2),
-                "one_op": delta.transcript,
-            }
-    finally:
-        v.close()
-        counter.close()
-    return out
+    return _counted(counter, lambda: factory(counter.proxied_url(ds.target.runtime_url), counter.proxied_url(ds.target.system_url)), n)
 
 
 def run_all(sizes: Sizes, *, database_url: str | None = None, console: Console | None = None,
@@ -179,12 +160,54 @@ def _run(server: BenchServer, sizes: Sizes, res: Results, console: Console) -> N
     say("workload 6: writes")
     res.workloads["writes"] = _writes(server, main, sizes, ops)
 
+    say("peers: sqlalchemy-tenants and rls, ORM get and list")
+    res.peers = _peers(server, main, sizes, ops)
+
+    res.latency_model = latency.model(res.workloads)
+
+    say("async and sync side by side")
+    res.async_sync = async_variants.run(rt, st, ops, L, sizes)
+
+    say("server time of RLS + context (pg_stat_user_functions, EXPLAIN ANALYZE)")
+    res.server_time = server_time.measure(server.url_for(main.name), main.name, rt, st, ops, sizes.server_calls, sizes.explain_reps)
+
     say("EXPLAIN plans")
     plans = collect_plans(rt, st, ops[0], L)
     res.plans = plans  # type: ignore[assignment]
 
     say("workload 3: scale in tenants")
     res.workloads["scale"] = _scale(server, sizes, say)
+
+
+def _peers(server: BenchServer, ds: Dataset, sizes: Sizes, ops: list[Op]) -> dict[str, Any]:
+    missing = peers.available()
+    if missing:
+        return {"skipped": missing}
+    from rtv_db.seed.synthetic import synthetic_tenant_id
+
+    tenants = [synthetic_tenant_id(t) for t in range(sizes.tenants)]
+    rt, st = ds.target.runtime_url, ds.target.system_url
+    assert st is not None
+    setup_started = time.perf_counter()
+    p = peers.setup(server, ds, tenants)
+    out: dict[str, Any] = {"setup_seconds": round(time.perf_counter() - setup_started, 1)}
+    for key, limit in (("get", None), ("list", sizes.list_limit)):
+        counter = WireCounter(rt)
+        out[key] = {
+            "latency": _time(lambda: peers.variants(p, rt, st, ops, limit), sizes),
+            "wire": _counted(counter, lambda: peers.variants(p, rt, st, ops, limit, url=counter.proxied_url), sizes.wire_ops),
+        }
+    out["isolation"] = peer_isolation.check(p, tenants)
+    return out
+
+
+def _counted(counter: WireCounter, factory: Callable[[], Variants], n: int) -> dict[str, Any]:
+    v = factory()
+    try:
+        return count_per_op(counter, v.fns, n)
+    finally:
+        v.close()
+        counter.close()
 
 
 def _concurrency(sizes: Sizes, rt: str, st: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select
 
 from rtv_db import BrandKit, Database, EngineOptions, TenantContext, brand_kits, tenant_session, with_tenant_scope
 from rtv_db.config import to_libpq_url
@@ -255,6 +255,15 @@ def point_read(runtime_url: str, system_url: str, ops: list[Op], *, with_orm: bo
         _check(row is not None and row.client_id == op.tenant, "sqlalchemy_core point read")
 
     v.add("sqlalchemy_core", sqlalchemy_core)
+    point_once = select(brand_kits).where(brand_kits.c.client_id == bindparam("t"), brand_kits.c.id == bindparam("r")).limit(1)
+
+    def sqlalchemy_core_once(i: int) -> None:
+        op = ops[i]
+        with plain.begin() as conn:
+            row = conn.execute(point_once, {"t": op.tenant, "r": op.row}).first()
+        _check(row is not None and row.client_id == op.tenant, "sqlalchemy_core_once point read")
+
+    v.add("sqlalchemy_core_once", sqlalchemy_core_once)
     dbs = {"": _database(runtime_url, v)}
     if unsigned:
         dbs["_unsigned"] = _unsigned_database(runtime_url, v, ops[0])
@@ -304,6 +313,15 @@ def tenant_list(runtime_url: str, system_url: str, ops: list[Op], limit: int, *,
         _check(len(rows) == limit and rows[0].client_id == tenant, "sqlalchemy_core list")
 
     v.add("sqlalchemy_core", sqlalchemy_core)
+    list_once = select(brand_kits).where(brand_kits.c.client_id == bindparam("t")).order_by(brand_kits.c.id).limit(limit)
+
+    def sqlalchemy_core_once(i: int) -> None:
+        tenant = ops[i].tenant
+        with plain.begin() as conn:
+            rows = conn.execute(list_once, {"t": tenant}).all()
+        _check(len(rows) == limit and rows[0].client_id == tenant, "sqlalchemy_core_once list")
+
+    v.add("sqlalchemy_core_once", sqlalchemy_core_once)
     dbs = {"": _database(runtime_url, v)}
     if unsigned:
         dbs["_unsigned"] = _unsigned_database(runtime_url, v, ops[0])
@@ -357,6 +375,17 @@ def writes(runtime_url: str, system_url: str, ops: list[Op], *, tag: str) -> Var
         )
         _check(len(rows) == 1 and rows[0].client_id == tenant, "core insert")
 
+    plain = _plain_engine(system_url, v)
+    insert_once = insert(brand_kits).returning(*brand_kits.c)
+
+    def sqlalchemy_core_once(i: int) -> None:
+        tenant = ops[i].tenant
+        with plain.begin() as conn:
+            row = conn.execute(insert_once, {"client_id": tenant, "id": uuid.uuid4(),
+                                             "name": f"bench {tag} s{i} {uuid.uuid4().hex[:8]}"}).first()
+        _check(row is not None and row.client_id == tenant, "sqlalchemy_core_once insert")
+
     v.add("baseline", baseline)
+    v.add("sqlalchemy_core_once", sqlalchemy_core_once)
     v.add("core", core)
     return v
