@@ -79,6 +79,9 @@ QUERY_SIGMA = 0.05
 FOREIGN_SHARE = 0.2  # queries near a random global topic instead of one of the tenant's centres
 TIE_EPS = 1e-6
 BASELINE = "bench_baseline"
+# The execution option that carries a transaction's settings (rtv_db.tenant._transaction's
+# TRANSACTION_SETTINGS_OPTION): read from rtv-db's statements so their EXPLAIN runs with them.
+SETTINGS_OPTION = "rtv_db_transaction_settings"
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,8 @@ class Variants:
 
         self.queries = queries
         self.db = Database(ds.target.runtime_url)
-        self.sent: list[tuple[str, Any]] = []
+        self.sent: list[tuple[str, Any, tuple[tuple[str, str], ...]]] = []
+        self.settings: tuple[tuple[str, str], ...] = ()
         event.listen(self.db.engine, "before_cursor_execute", self._capture)
         self.hnsw = psycopg.connect(to_libpq_url(server.url_for(ds.name)))
         self.exact = psycopg.connect(to_libpq_url(server.url_for(ds.name)), autocommit=True)
@@ -324,8 +328,9 @@ class Variants:
         self.fns: dict[str, Callable[[int], None]] = {"rtvdb": rtvdb, "pgvector_hnsw": hnsw, "exact_scan": exact}
 
     def _capture(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        if "<=>" in statement:
-            self.sent.append((statement, parameters))
+        if "<=>" in statement:  # with the transaction settings rtv-db sent with it (set_config ..., true)
+            settings = dict(context.execution_options).get(SETTINGS_OPTION) if context is not None else None
+            self.sent.append((statement, parameters, tuple(tuple(p) for p in (settings.items() if isinstance(settings, dict) else settings or ()))))
 
     def quality(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -352,9 +357,12 @@ class Variants:
         out: dict[str, list[str]] = {}
         self.sent.clear()
         self.fns["rtvdb"](0)
-        statement, params = self.sent[-1]
+        statement, params, settings = self.sent[-1]
+        self.settings = settings
         with with_tenant_scope(self.db, q.tenant.id).scoped_transaction() as tx:
             cur = tx.connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for name, value in settings:
+                cur.execute("SELECT set_config(%s, %s, true)", (name, str(value)))
             cur.execute("EXPLAIN (ANALYZE, COSTS OFF) " + statement, params)
             out["rtvdb"] = [r[0] for r in cur.fetchall()]
         params = {"q": _literal(q.values), "t": q.tenant.id}
@@ -379,6 +387,7 @@ def measure(server: BenchServer, ds: Dataset, queries: list[Query], rounds: int,
         seconds = time.perf_counter() - t0
         quality = v.quality()
         plans = v.explain()
+        settings = [list(p) for p in v.settings]
     finally:
         v.close()
     return {
@@ -389,6 +398,7 @@ def measure(server: BenchServer, ds: Dataset, queries: list[Query], rounds: int,
                             "x_exact_scan_p50": round(s.ratio, 3) if s.ratio is not None else None,
                             **quality[name]} for name, s in stats.items()},
         "plans": {name: _elide(plan) for name, plan in plans.items()},
+        "rtvdb_transaction_settings": settings,
     }
 
 
@@ -423,14 +433,17 @@ def index_large_tenant(server: BenchServer, ds: Dataset, tenant: Tenant) -> dict
 # -- running ------------------------------------------------------------------------------------
 
 
-def _head() -> str | None:
-    try:
-        import subprocess
+def _head() -> dict[str, Any]:
+    """The commit, and the files of src/ that differ from it (the code that ran, if any)."""
+    import subprocess
 
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True, cwd=root).stdout  # noqa: E731
+        return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+                "src_changes": [line[3:] for line in git("status", "--porcelain", "src").splitlines()]}
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"commit": None, "src_changes": []}
 
 
 def run(sizes: Sizes, database_url: str | None, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
@@ -494,9 +507,9 @@ _LABELS = {
     "exact_scan": "plain exact scan (client_id btree, no vector index)",
 }
 _MEASUREMENTS = {
-    "small": "200-chunk tenants",
-    "large_before_index": "100,000-chunk tenant, before its per-tenant index",
-    "large_after_index": "100,000-chunk tenant, after `index_tenant`",
+    "small": "{small_chunks:,}-chunk tenants ({sample} sampled)",
+    "large_before_index": "{large_chunks:,}-chunk tenant, before its per-tenant index",
+    "large_after_index": "{large_chunks:,}-chunk tenant, after `index_tenant`",
 }
 
 
@@ -519,7 +532,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
     lines = [
         "# Similarity search benchmark (issue 14)",
         "",
-        f"Run `{sz['name']}` started {r['started_at']} at commit `{r['head']}`, took {r['seconds']} s: `{command}`.",
+        f"Run `{sz['name']}` started {r['started_at']} at commit `{r['head']['commit']}`"
+        + (f" (src/ differing from it: {', '.join(r['head']['src_changes'])})" if r["head"]["src_changes"] else "")
+        + f", took {r['seconds']} s: `{command}`.",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, {m['os']}; Python {m['python']}, "
         f"psycopg {m['psycopg']}. Server: {s['version'].split(' on ')[0]} ({'embedded, throw-away' if s['embedded'] else 'given URL'}), "
         f"pgvector {s.get('pgvector')}, " + ", ".join(f"{k} {v}" for k, v in s["settings"].items()) + ".",
@@ -543,9 +558,11 @@ def markdown(r: dict[str, Any], command: str) -> str:
         meas = r["measurements"].get(key)
         if meas is None:
             continue
-        lines += [f"### {title}", "",
+        lines += [f"### {title.format(**sz)}", "",
                   f"{meas['rounds']} rounds × {meas['batch']} searches per variant after {meas['warmup']} warm-up, "
-                  f"{meas['distinct_queries']} distinct queries, {meas['seconds']} s, load average {meas['loadavg']}.", "",
+                  f"{meas['distinct_queries']} distinct queries, {meas['seconds']} s, load average {meas['loadavg']}"
+                  + (f"; rtv-db's transaction settings: {', '.join(f'`{n} = {v}`' for n, v in meas['rtvdb_transaction_settings'])}"
+                     if meas.get("rtvdb_transaction_settings") else "") + ".", "",
                   "| variant | p50 ms | p95 ms | p50 × exact | recall@10 | own topic | foreign topic | min | < k | other tenants' chunks | plan |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for name, v in meas["variants"].items():
