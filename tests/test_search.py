@@ -94,7 +94,7 @@ def test_the_plan_walks_no_index_holding_other_tenants_vectors(db, tenants, corp
     from rtv_db.tenant.search import similar_chunks_statement
 
     scope = with_tenant_scope(db, tenants.a)
-    stmt, params = similar_chunks_statement(scope.context, query, 10, knowledge_base_id=None, metric="cosine",
+    stmt, params, _ = similar_chunks_statement(scope.context, query, 10, knowledge_base_id=None, metric="cosine",
                                             max_distance=None, with_embedding=False)
     with scope.scoped_transaction() as tx:
         plan = "\n".join(r[0] for r in tx.connection.execute(text("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + stmt.text), params))

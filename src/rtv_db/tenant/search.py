@@ -1,19 +1,30 @@
-"""Similarity search over one tenant's knowledge chunks (issue 14, first part: exact search).
+"""Similarity search over one tenant's knowledge chunks (issue 14).
 
 ``scope.similar_chunks(embedding, k=10)`` returns the tenant's ``k`` nearest chunks with their
-distance, nearest first. The search is exact within the tenant: the tenant's chunks (through the
-``client_id`` index, under RLS) are gathered in a ``MATERIALIZED`` CTE and ranked there, so no
-index that holds other tenants' vectors is walked. The HNSW index over every tenant's embeddings
-therefore does no work for a tenant's search, and ``EXPLAIN ANALYZE`` of a search does not depend
-on what other tenants store (a filtered HNSW walk reports how many candidates it threw away,
-which maps where other tenants' vectors lie). Recall is 1.0 by construction; the cost grows with
-the tenant's chunk count (large tenants: see docs/search.md).
+distance, nearest first. No index that holds another tenant's vectors is ever walked (revision
+0007 dropped the HNSW index over every tenant: a filtered walk of it reports how many candidates
+it threw away, which maps where other tenants' vectors lie). Two plans:
+
+* **Exact** (every tenant, by default): the tenant's chunks, through the ``client_id`` index under
+  RLS, are gathered in a ``MATERIALIZED`` CTE and ranked there. Recall is 1.0; the cost grows with
+  the tenant's chunk count.
+* **The tenant's own HNSW index** (cosine), once ``rtv-db search index`` built it
+  (rtv_db.search_index): a partial index on the tenant's opaque ``search_key``, walked with
+  ``hnsw.ef_search`` set for the transaction to at least ``k`` and iterative scan on, so a filter
+  on a knowledge base still yields ``k`` results.
+
+Which plan a tenant gets is read from ``rtv.current_search_key()`` (NULL until its index is
+ready), cached per engine for :data:`SEARCH_KEY_TTL` seconds. A stale answer is still correct: a
+tenant keeps its key once given, so the indexed form matches its rows with or without the index.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -24,12 +35,20 @@ from ..errors import InvalidInputError
 from ..schema.models import EMBEDDING_DIM
 from .context import TenantContext, parse_uuid
 
-__all__ = ["Metric", "SimilarChunk", "similar_chunks_statement", "MAX_K"]
+__all__ = ["Metric", "SimilarChunk", "similar_chunks_statement", "MAX_K", "SEARCH_KEY_TTL", "EF_SEARCH"]
 
 Metric = Literal["cosine", "l2", "inner_product"]
 MAX_K: Final = 1000
 # pgvector's operators: cosine distance, Euclidean distance, negative inner product.
 _OPERATORS: Final = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
+# The metric the per-tenant indexes serve (vector_cosine_ops); the others are always exact.
+INDEXED_METRIC: Final = "cosine"
+# hnsw.ef_search of a search on a tenant's own index: the candidate list, at least k (pgvector's
+# ceiling is 1000, MAX_K). On 3,000 chunks of gaussian clusters in 384 dimensions (a hard case:
+# tests/test_search_index.py), recall@10 was 0.67 at pgvector's default of 40, 0.95 at 100, 0.996
+# at 200 and 1.0 at 400; larger tenants: docs/search.md.
+EF_SEARCH: Final = 200
+SEARCH_KEY_TTL: Final = 30.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +87,10 @@ def similar_chunks_statement(
     metric: str,
     max_distance: float | None,
     with_embedding: bool,
-) -> tuple[Any, dict[str, Any]]:
-    """The SQL and parameters of one search, validated (``InvalidInputError``, nothing sent)."""
+    search_key: int | None = None,
+) -> tuple[Any, dict[str, Any], tuple[tuple[str, str], ...]]:
+    """The SQL, parameters and transaction settings of one search, validated
+    (``InvalidInputError``, nothing sent). ``search_key``: the tenant's, when its index is ready."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}")
     operator = _OPERATORS.get(metric) if isinstance(metric, str) else None
@@ -88,23 +109,79 @@ def similar_chunks_statement(
         kb_filter = " AND knowledge_base_id = :kb"
     distance_filter = ""
     if max_distance is not None:
+        # Filtering the k nearest by distance gives the nearest within the distance: exact.
         params["max_distance"] = float(max_distance)
         distance_filter = " WHERE distance <= :max_distance"
+    columns = f"id, knowledge_base_id, content, metadata, {'embedding, ' if with_embedding else ''}"
+    if search_key is not None and metric == INDEXED_METRIC:
+        # The partial index's predicate, search_key = <key>, is matched by the planner: the key is
+        # a bound value of an unnamed statement, so the plan is made for it.
+        params["search_key"] = search_key
+        sql = f"""
+            SELECT * FROM (
+                SELECT {columns}embedding {operator} CAST(:q AS vector) AS distance
+                FROM knowledge_chunks
+                WHERE client_id = :tenant AND search_key = :search_key{kb_filter} AND embedding IS NOT NULL
+                ORDER BY embedding {operator} CAST(:q AS vector)
+                LIMIT :k
+            ) nearest{distance_filter}
+            ORDER BY distance, id
+        """
+        # enable_sort off: the planner would rather sort a few thousand rows than walk the index,
+        # and its costs depend on estimates; off, the walk is chosen whatever the estimates say
+        # (the outer sort of k rows is the only sort left).
+        settings = (("hnsw.ef_search", str(max(k, EF_SEARCH))), ("hnsw.iterative_scan", "relaxed_order"),
+                    ("enable_sort", "off"))
+        return text(sql), params, settings
     sql = f"""
         WITH mine AS MATERIALIZED (
             SELECT id, knowledge_base_id, content, metadata, embedding
             FROM knowledge_chunks
             WHERE client_id = :tenant{kb_filter} AND embedding IS NOT NULL
         ), ranked AS (
-            SELECT id, knowledge_base_id, content, metadata, {"embedding, " if with_embedding else ""}
-                   embedding {operator} CAST(:q AS vector) AS distance
+            SELECT {columns}embedding {operator} CAST(:q AS vector) AS distance
             FROM mine
         )
         SELECT * FROM ranked{distance_filter}
         ORDER BY distance, id
         LIMIT :k
     """
-    return text(sql), params
+    return text(sql), params, ()
+
+
+SEARCH_KEY_STATEMENT: Final = text("SELECT rtv.current_search_key()")
+
+
+class SearchKeys:
+    """Each tenant's search key as last read, per engine, for :data:`SEARCH_KEY_TTL` seconds."""
+
+    def __init__(self) -> None:
+        self._by_engine: weakref.WeakKeyDictionary[Any, dict[uuid.UUID, tuple[int | None, float]]] = (
+            weakref.WeakKeyDictionary())
+        self._lock = threading.Lock()
+
+    def get(self, engine: Any, tenant: uuid.UUID) -> tuple[bool, int | None]:
+        """``(known, key)``: known is false when the key must be read again."""
+        with self._lock:
+            entry = self._by_engine.get(engine, {}).get(tenant)
+        if entry is None or entry[1] < time.monotonic():
+            return False, None
+        return True, entry[0]
+
+    def put(self, engine: Any, tenant: uuid.UUID, key: int | None) -> None:
+        with self._lock:
+            self._by_engine.setdefault(engine, {})[tenant] = (key, time.monotonic() + SEARCH_KEY_TTL)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_engine.clear()
+
+
+search_keys: Final = SearchKeys()
+
+
+def needs_search_key(metric: str) -> bool:
+    return metric == INDEXED_METRIC
 
 
 def to_results(rows: Sequence[Any], with_embedding: bool) -> list[SimilarChunk]:

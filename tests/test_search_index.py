@@ -1,0 +1,216 @@
+"""Issue 14: a large tenant's own HNSW index (revision 0007, rtv_db.search_index), as the runtime role.
+
+A has 3,000 clustered chunks and gets its own index; B has 300 chunks right next to A's queries.
+A's searches walk A's index only (its plan names it, and reports nothing thrown away), return
+the brute-force nearest within A (recall@10 >= 0.98), never one of B's. SQL injected in A's
+transaction cannot put A's rows into B's index: the trigger sets ``search_key``; with the
+trigger dropped (the code before it) the same attack lands A's row in B's index, and B's walk
+reports it. The index's definition, which the runtime role reads in the catalog, names a number,
+not a tenant.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from rtv_db import InvalidInputError, with_tenant_scope
+from rtv_db.config import to_libpq_url
+from rtv_db.schema import knowledge_bases, knowledge_chunks
+from rtv_db.schema.models import EMBEDDING_DIM
+from rtv_db.search_index import drop_tenant_index, index_large_tenants, index_tenant, tenant_indexes
+from rtv_db.tenant.search import search_keys, similar_chunks_statement
+
+RNG = random.Random(1414)
+TOPICS = 8
+
+
+def _unit(v: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / norm for x in v]
+
+
+def _near(center: list[float], spread: float) -> list[float]:
+    return _unit([c + RNG.gauss(0, spread) for c in center])
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return 1 - sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _load(system, tenant: uuid.UUID, kb: uuid.UUID, centers: list[list[float]], n: int, spread: float):
+    rows = [{"client_id": tenant, "id": uuid.uuid4(), "knowledge_base_id": kb, "content": f"c{i}",
+             "embedding": _near(centers[i % len(centers)], spread)} for i in range(n)]
+    with system.transaction() as conn:
+        conn.execute(knowledge_chunks.insert(), rows)
+    return [(r["id"], r["embedding"]) for r in rows]
+
+
+@pytest.fixture()
+def large(system, tenants):
+    """A: 3,000 chunks over 8 topics in two knowledge bases; B: 300 chunks around A's topics."""
+    centers = [_unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)]) for _ in range(TOPICS)]
+    kbs = {tenants.a: (uuid.uuid4(), uuid.uuid4()), tenants.b: (uuid.uuid4(),)}
+    with system.transaction() as conn:
+        for tenant, ids in kbs.items():
+            for kb in ids:
+                conn.execute(knowledge_bases.insert().values(client_id=tenant, id=kb, name=f"kb {kb}"))
+    a_main = _load(system, tenants.a, kbs[tenants.a][0], centers, 2700, 0.35)
+    a_side = _load(system, tenants.a, kbs[tenants.a][1], centers, 300, 0.35)
+    b = _load(system, tenants.b, kbs[tenants.b][0], centers, 300, 0.05)
+    return centers, kbs, {"a": a_main + a_side, "a_side": a_side, "b": b}
+
+
+def _exact(chunks, query, k):
+    return [cid for _, cid in sorted((_cosine(e, query), cid) for cid, e in chunks)[:k]]
+
+
+def _plan(scope, query, *, k=10, key=None, knowledge_base_id=None) -> str:
+    stmt, params, settings = similar_chunks_statement(scope.context, query, k, knowledge_base_id=knowledge_base_id,
+                                                      metric="cosine", max_distance=None, with_embedding=False,
+                                                      search_key=key)
+    with scope.scoped_transaction() as tx:
+        for name, value in settings:
+            tx.connection.execute(text("SELECT set_config(:n, :v, true)"), {"n": name, "v": value})
+        return "\n".join(r[0] for r in tx.connection.execute(
+            text("EXPLAIN (ANALYZE, BUFFERS OFF, COSTS OFF, TIMING OFF, SUMMARY OFF) " + stmt.text), params))
+
+
+def _key(db, tenant) -> int | None:
+    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+        return tx.connection.execute(text("SELECT rtv.current_search_key()")).scalar()
+
+
+def test_a_large_tenants_search_walks_its_own_index_only(target, db, tenants, large):
+    centers, _, chunks = large
+    index = index_tenant(target, tenants.a)
+    assert index.state == "ready" and index.chunks == 3000 and index.size_bytes and index.build_seconds is not None
+    assert str(tenants.a) not in index.index_name
+    key = _key(db, tenants.a)
+    assert key == index.search_key and _key(db, tenants.b) is None
+    scope = with_tenant_scope(db, tenants.a)
+    query = _near(centers[3], 0.3)
+    plan = _plan(scope, query, key=key)
+    assert index.index_name in plan, plan
+    assert "Rows Removed by Filter" not in plan, plan  # nothing of another tenant in the walk
+    hits = total = 0
+    for topic in range(TOPICS):
+        query = _near(centers[topic], 0.3)
+        got = [r.id for r in scope.similar_chunks(query, k=10)]
+        want = _exact(chunks["a"], query, 10)
+        assert len(got) == 10 and not set(got) & {cid for cid, _ in chunks["b"]}
+        hits += len(set(got) & set(want))
+        total += 10
+    assert hits / total >= 0.98, hits / total
+
+
+def test_search_keeps_k_results_under_a_knowledge_base_filter(target, db, tenants, large):
+    centers, kbs, chunks = large
+    index_tenant(target, tenants.a)
+    side_kb = kbs[tenants.a][1]
+    query = _near(centers[0], 0.3)
+    got = with_tenant_scope(db, tenants.a).similar_chunks(query, k=20, knowledge_base_id=side_kb)
+    assert len(got) == 20 and {r.knowledge_base_id for r in got} == {side_kb}
+    want = _exact(chunks["a_side"], query, 20)
+    assert len({r.id for r in got} & set(want)) >= 19
+    # Distances come back nearest first, and max_distance filters the k nearest exactly.
+    distances = [r.distance for r in got]
+    assert distances == sorted(distances)
+    limit = distances[9]
+    near = with_tenant_scope(db, tenants.a).similar_chunks(query, k=20, knowledge_base_id=side_kb, max_distance=limit)
+    assert [r.id for r in near] == [r.id for r in got if r.distance <= limit]
+
+
+def test_the_catalog_shows_a_number_not_the_tenant(target, db, tenants, large):
+    index = index_tenant(target, tenants.a)
+    with db.engine.connect() as conn:  # the runtime role reads the catalog like anyone
+        definition = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
+                                  {"n": index.index_name}).scalar()
+        assert f"search_key = {index.search_key}" in definition and str(tenants.a) not in definition
+        with pytest.raises(Exception, match="permission denied"):
+            conn.execute(text("SELECT * FROM rtv_secret.search_indexes"))
+
+
+def _injected_write(db, tenant, key):
+    """SQL injected in ``tenant``'s transaction gives its rows another tenant's key."""
+    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+        tx.connection.execute(text("UPDATE knowledge_chunks SET search_key = :k"), {"k": key})
+        tx.connection.execute(text(
+            "INSERT INTO knowledge_chunks (client_id, knowledge_base_id, content, embedding, search_key) "
+            "SELECT client_id, knowledge_base_id, 'planted', embedding, :k FROM knowledge_chunks LIMIT 1"), {"k": key})
+        return tx.connection.execute(text("SELECT count(*) FROM knowledge_chunks WHERE search_key = :k"),
+                                     {"k": key}).scalar()
+
+
+def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, admin_conn, tenants, large):
+    centers, _, _ = large
+    index = index_tenant(target, tenants.a)                 # A is the victim here, B the attacker
+    assert _injected_write(db, tenants.b, index.search_key) == 0  # the trigger set B's rows' key back
+    plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
+    assert "Rows Removed by Filter" not in plan, plan
+
+    # The attack against the code before the trigger: it works, and A's walk shows B's rows.
+    admin_conn.execute("DROP TRIGGER assign_search_key ON knowledge_chunks")
+    assert _injected_write(db, tenants.b, index.search_key) == 302  # all of B's rows, two planted
+    plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
+    assert "Rows Removed by Filter" in plan, plan
+
+
+def test_a_tenants_search_plan_is_the_same_whatever_others_store(target, db, system, tenants, large):
+    centers, kbs, _ = large
+    index = index_tenant(target, tenants.a)
+    query = _near(centers[2], 0.3)
+    plans = {"a": _plan(with_tenant_scope(db, tenants.a), query, key=index.search_key),
+             "b": _plan(with_tenant_scope(db, tenants.b), query)}
+    _load(system, tenants.b, kbs[tenants.b][0], centers, 700, 0.05)   # B stores more, around A's query
+    assert _plan(with_tenant_scope(db, tenants.a), query, key=index.search_key) == plans["a"]
+    # B's exact plan counts B's own rows only: 300 then 1,000, never A's.
+    after = _plan(with_tenant_scope(db, tenants.b), query)
+    assert "rows=300" in plans["b"] and "rows=1000" in after and "3000" not in after
+
+
+def test_drop_returns_to_exact_and_a_stale_key_still_finds_every_row(target, db, system, tenants, large):
+    centers, kbs, chunks = large
+    index = index_tenant(target, tenants.a)
+    scope = with_tenant_scope(db, tenants.a)
+    query = _near(centers[5], 0.3)
+    scope.similar_chunks(query, k=5)                          # caches A's key
+    assert drop_tenant_index(target, tenants.a).state == "dropped"
+    new = _load(system, tenants.a, kbs[tenants.a][0], [query], 3, 0.0001)  # written after the drop
+    got = [r.id for r in scope.similar_chunks(query, k=3)]     # still on the cached key: no index
+    assert set(got) == {cid for cid, _ in new}
+    search_keys.clear()
+    assert _key(db, tenants.a) is None
+    exact = [r.id for r in scope.similar_chunks(query, k=10)]  # exact again (float32 ties aside)
+    assert set(exact[:3]) == {cid for cid, _ in new} and len(set(exact) & set(_exact(chunks["a"] + new, query, 10))) >= 9
+    assert index_tenant(target, tenants.a).search_key == index.search_key  # the key stays with A
+
+
+def test_index_large_tenants_picks_tenants_above_the_size(target, tenants, large):
+    built = index_large_tenants(target, min_chunks=1000)
+    assert [i.tenant_id for i in built] == [tenants.a]
+    assert index_large_tenants(target, min_chunks=1000) == []  # already ready: nothing to do
+    assert {i.tenant_id: i.state for i in tenant_indexes(target)} == {tenants.a: "ready"}
+
+
+def test_bad_input_is_refused_and_nothing_is_built(target, tenants):
+    with pytest.raises(InvalidInputError, match="tenant_id"):
+        index_tenant(target, "not-a-uuid")
+    with pytest.raises(InvalidInputError, match="no tenant"):
+        index_tenant(target, uuid.uuid4())
+    with pytest.raises(InvalidInputError, match="m must be"):
+        index_tenant(target, tenants.a, m=1)
+    with pytest.raises(InvalidInputError, match="no search index"):
+        drop_tenant_index(target, tenants.a)
+    with pytest.raises(InvalidInputError, match="min_chunks"):
+        index_large_tenants(target, min_chunks=0)
+    assert tenant_indexes(target) == []
+    with psycopg.connect(to_libpq_url(target.admin_url)) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'knowledge_chunks_search_%'"
+                            ).fetchone() == (0,)
+
