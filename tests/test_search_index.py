@@ -214,3 +214,23 @@ def test_bad_input_is_refused_and_nothing_is_built(target, tenants):
         assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'knowledge_chunks_search_%'"
                             ).fetchone() == (0,)
 
+
+
+def test_the_commands(target, tenants, large):
+    from click.testing import CliRunner
+
+    from rtv_db.cli import cli
+
+    run = CliRunner().invoke
+    url = ["--database-url", target.admin_url]
+    result = run(cli, ["search", "list", *url])
+    assert result.exit_code == 0 and "every search is exact" in result.output
+    result = run(cli, ["search", "index", *url])
+    assert result.exit_code == 2 and "--tenant or --min-chunks" in result.output
+    result = run(cli, ["search", "index", *url, "--min-chunks", "1000"])
+    assert result.exit_code == 0, result.output
+    assert f"{tenants.a}: ready, 3000 chunks, knowledge_chunks_search_" in result.output and str(tenants.b) not in result.output
+    result = run(cli, ["search", "drop", *url, "--tenant", str(tenants.b)])
+    assert result.exit_code == 1 and "has no search index" in " ".join(result.output.split())
+    result = run(cli, ["search", "drop", *url, "--tenant", str(tenants.a)])
+    assert result.exit_code == 0 and "dropped" in result.output and "no index" in result.output

@@ -475,6 +475,69 @@ def key_generate() -> None:
     click.echo(f"{new.key_id}:{new.hex}")
 
 
+# -- search (per-tenant indexes) -------------------------------------------------------------
+
+
+@cli.group()
+def search() -> None:
+    """Per-tenant HNSW indexes for large tenants' similarity search (see docs/search.md)."""
+
+
+def _print_index(index: Any) -> None:
+    size = f"{index.size_bytes / 2**20:.1f} MiB" if index.size_bytes is not None else "no index"
+    built = f", built in {index.build_seconds:.1f} s" if index.build_seconds is not None else ""
+    console.print(f"{index.tenant_id}: {index.state}, {index.chunks} chunks, {index.index_name} ({size}){built}",
+                  highlight=False, soft_wrap=True)
+
+
+@search.command("index")
+@database_url_option
+@click.option("--tenant", "tenant_id", default=None, help="The tenant (client id) to index.")
+@click.option("--min-chunks", type=click.IntRange(min=1), default=None,
+              help="Instead: index every tenant with at least this many chunks and no ready index.")
+@click.pass_context
+@_fail_cleanly
+def search_index(ctx: click.Context, database_url: str | None, tenant_id: str | None, min_chunks: int | None) -> None:
+    """Build a tenant's own index (no writer is blocked); its searches use it once it is ready."""
+    from .search_index import index_large_tenants, index_tenant
+
+    if (tenant_id is None) == (min_chunks is None):
+        raise click.UsageError("give --tenant or --min-chunks (one of them)")
+    target = target_for(database_url, ctx.obj["data_dir"])
+    built = [index_tenant(target, tenant_id)] if tenant_id else index_large_tenants(target, min_chunks=min_chunks or 1)
+    for index in built:
+        _print_index(index)
+    if not built:
+        console.print(f"no tenant has {min_chunks} chunks or more without a ready index", highlight=False)
+
+
+@search.command("list")
+@database_url_option
+@click.pass_context
+@_fail_cleanly
+def search_list(ctx: click.Context, database_url: str | None) -> None:
+    """Show every tenant that has a search key, its index's state and size."""
+    from .search_index import tenant_indexes
+
+    indexes = tenant_indexes(target_for(database_url, ctx.obj["data_dir"]))
+    for index in indexes:
+        _print_index(index)
+    if not indexes:
+        console.print("no tenant has its own search index: every search is exact", highlight=False)
+
+
+@search.command("drop")
+@database_url_option
+@click.option("--tenant", "tenant_id", required=True, help="The tenant (client id) whose index to drop.")
+@click.pass_context
+@_fail_cleanly
+def search_drop(ctx: click.Context, database_url: str | None, tenant_id: str) -> None:
+    """Drop a tenant's index: its searches are exact again (it keeps its key)."""
+    from .search_index import drop_tenant_index
+
+    _print_index(drop_tenant_index(target_for(database_url, ctx.obj["data_dir"]), tenant_id))
+
+
 # -- watchdog ----------------------------------------------------------------------------------
 
 
