@@ -14,7 +14,11 @@ pipeline mode so that they cost one network round trip as ``BEGIN`` alone would:
 
 A scoped call in its own transaction (``scope.scoped_get(...)`` and the like: one statement,
 marked with :data:`SINGLE_STATEMENT_OPTION`) goes further: the three are held back and sent with
-the call's statement and ``COMMIT``, one pipeline, one round trip in all.
+the call's statement and ``COMMIT``, one pipeline, one round trip in all. A tenant ORM session's
+own transaction (:data:`DEFERRED_START_OPTION`) holds them back too and sends them with its
+first statement; its ``COMMIT`` follows as usual. Nothing runs in the transaction before them:
+they are the first thing the server receives for it, in the same pipeline as the statement, and
+a refused context aborts the pipeline before the statement runs.
 
 (The driver runs in autocommit so that rtv-db, not psycopg, sends ``BEGIN``; psycopg's
 ``commit()`` and ``rollback()`` act on the server's transaction state.) None of these goes
@@ -51,7 +55,7 @@ from sqlalchemy.util import await_
 from ..errors import ConfigurationError, InvalidInputError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
-__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SINGLE_STATEMENT_OPTION", "TRANSACTION_SETTINGS_OPTION",
+__all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SINGLE_STATEMENT_OPTION", "DEFERRED_START_OPTION", "TRANSACTION_SETTINGS_OPTION",
            "ALLOWED_TRANSACTION_SETTINGS", "transaction_settings", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
@@ -59,6 +63,9 @@ PROBE_OPTION: Final = "rtv_connection_probe"
 # Set by the scoped API on the transaction of one call: exactly one statement runs in it, so
 # BEGIN, the clean session, the context, that statement and COMMIT can travel together.
 SINGLE_STATEMENT_OPTION: Final = "rtv_single_statement"
+# Set by tenant ORM sessions on their own transactions: BEGIN, the clean session and the context
+# travel with the transaction's first statement (COMMIT comes later, as usual).
+DEFERRED_START_OPTION: Final = "rtv_deferred_start"
 # ((name, value), ...): transaction-local settings sent with what starts the transaction.
 TRANSACTION_SETTINGS_OPTION: Final = "rtv_db_transaction_settings"
 
@@ -286,18 +293,57 @@ def _forget_prepared(driver: Any) -> None:
         getattr(prepared, "_to_flush", []).clear()  # the server side is done by clean_session
 
 
+# -- queueing rtv-db's own statements on psycopg's pipeline ----------------------------------------
+#
+# psycopg's ``execute`` in a pipeline makes a cursor, adapts the parameters and polls the socket,
+# for every statement: on a local socket that costs more than the round trips it saves. rtv-db's
+# own statements (BEGIN, the clean session, the context, settings, COMMIT) have fixed SQL and text
+# parameters, and only their errors matter; they are queued on the pipeline as libpq calls
+# (``PQsendQueryParams``: extended protocol, the unnamed statement, parameters bound, nothing
+# prepared), and psycopg sends them in order with the next statement, or at the pipeline's sync,
+# and checks each result for an error as it does for its own commands. The queues are psycopg's
+# internal API (pinned below 3.4); without them, rtv-db's statements go through ``execute``.
+
+_WIRE_SQL: dict[str, bytes] = {}
+
+
+def _wire_sql(sql: str) -> bytes:
+    """``%s`` placeholders as ``$1, $2, ...``, encoded (rtv-db's fixed statements only)."""
+    wire = _WIRE_SQL.get(sql)
+    if wire is None:
+        parts = sql.split("%s")
+        wire = _WIRE_SQL[sql] = "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1)).encode()
+    return wire
+
+
+def _queue(driver: Any, statements: Statements) -> bool:
+    """Queue ``statements`` on ``driver``'s open pipeline; False where psycopg has no such queues."""
+    pipeline = driver._pipeline
+    commands, results = getattr(pipeline, "command_queue", None), getattr(pipeline, "result_queue", None)
+    if commands is None or results is None:
+        return False
+    send, encoding = driver.pgconn.send_query_params, driver.pgconn._encoding
+    for sql, params in statements:
+        values = None if params is None else [None if v is None else str(v).encode(encoding) for v in params]
+        commands.append(functools.partial(send, _wire_sql(sql), values))
+        results.append(None)  # no cursor: psycopg checks the result for an error only
+    return True
+
+
 def _send_sync(driver: psycopg.Connection[Any], statements: Statements) -> None:
     _forget_prepared(driver)
     with driver.pipeline():
-        for sql, params in statements:
-            driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        if not _queue(driver, statements):
+            for sql, params in statements:
+                driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
 
 
 async def _send_async(driver: psycopg.AsyncConnection[Any], statements: Statements) -> None:
     _forget_prepared(driver)
     async with driver.pipeline():
-        for sql, params in statements:
-            await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        if not _queue(driver, statements):
+            for sql, params in statements:
+                await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
 
 
 def _on_begin(conn: Connection) -> None:
@@ -307,10 +353,15 @@ def _on_begin(conn: Connection) -> None:
         return
     for sql, params in statements:
         remember_token(conn, sql, params)
-    if driver.autocommit and conn.get_execution_options().get(SINGLE_STATEMENT_OPTION):
-        # Sent with the transaction's one statement (_execute_with_begin): one round trip in all.
-        conn.connection.info[_PENDING] = statements
-        return
+    if driver.autocommit:
+        options = conn.get_execution_options()
+        if options.get(SINGLE_STATEMENT_OPTION):
+            # Sent with the transaction's one statement and COMMIT (_execute_with_begin): one round trip in all.
+            conn.connection.info[_PENDING] = (statements, True)
+            return
+        if options.get(DEFERRED_START_OPTION):
+            conn.connection.info[_PENDING] = (statements, False)  # with the first statement
+            return
     _start(conn, driver, statements)
 
 
@@ -348,11 +399,14 @@ def _raise_start_error(conn: Connection, driver: Any, statements: Statements, ex
 
 _PENDING: Final = "rtv_pending_begin"
 _COMMIT: Final = "COMMIT"
+_COMMIT_ONLY: Final[Statements] = [(_COMMIT, None)]
 
 
-def _take_pending(context: Any) -> Statements | None:
-    if not context.execution_options.get(SINGLE_STATEMENT_OPTION):
-        return None  # every statement outside the scoped API's one-call transactions
+def _take_pending(context: Any) -> tuple[Statements, bool] | None:
+    """What the transaction's start held back, and whether COMMIT goes with the statement."""
+    options = context.execution_options
+    if not (options.get(SINGLE_STATEMENT_OPTION) or options.get(DEFERRED_START_OPTION)):
+        return None  # every statement outside the transactions that hold their start back
     conn = context.root_connection
     if conn.invalidated:
         return None
@@ -366,15 +420,17 @@ def _is_start_error(exc: psycopg.Error) -> bool:
 
 
 def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
-    """``do_execute``: the deferred start, the statement and COMMIT in one pipeline.
+    """``do_execute``: the deferred start, the statement (and COMMIT) in one pipeline.
 
-    Only in a transaction the scoped API opened for one call (:data:`SINGLE_STATEMENT_OPTION`);
+    Only for the first statement of a transaction whose start was held back
+    (:data:`SINGLE_STATEMENT_OPTION`: with COMMIT; :data:`DEFERRED_START_OPTION`: without);
     everything else executes as usual. A server-side cursor cannot run in a pipeline: then the
     start is sent alone first, and COMMIT comes from SQLAlchemy as always.
     """
-    pending = _take_pending(context)
-    if pending is None:
+    held = _take_pending(context)
+    if held is None:
         return None
+    pending, commit = held
     conn = context.root_connection
     driver = conn.connection.driver_connection
     if getattr(cursor, "name", None) or getattr(cursor, "server_side", False):
@@ -382,9 +438,9 @@ def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: A
         return None
     try:
         if isinstance(driver, psycopg.AsyncConnection):
-            await_(_pipeline_async(driver, pending, cursor, statement, parameters))
+            await_(_pipeline_async(driver, pending, cursor, statement, parameters, commit))
         else:
-            _pipeline_sync(driver, pending, cursor, statement, parameters)
+            _pipeline_sync(driver, pending, cursor, statement, parameters, commit)
     except psycopg.Error as exc:
         if _is_start_error(exc):
             _raise_start_error(conn, driver, pending, exc)
@@ -399,34 +455,41 @@ def _execute_no_params_with_begin(cursor: Any, statement: str, context: Any) -> 
 
 def _execute_many_with_begin(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
     """``do_executemany``: the deferred start goes first (psycopg pipelines the rows itself)."""
-    pending = _take_pending(context)
-    if pending is not None:
-        _start(context.root_connection, context.root_connection.connection.driver_connection, pending)
+    held = _take_pending(context)
+    if held is not None:
+        _start(context.root_connection, context.root_connection.connection.driver_connection, held[0])
 
 
-def _pipeline_sync(driver: psycopg.Connection[Any], pending: Statements, cursor: Any, statement: str, parameters: Any) -> None:
+def _pipeline_sync(driver: psycopg.Connection[Any], pending: Statements, cursor: Any, statement: str, parameters: Any,
+                   commit: bool) -> None:
     _forget_prepared(driver)
     with driver.pipeline():
-        for sql, params in pending:
-            driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        queued = _queue(driver, pending)
+        if not queued:
+            for sql, params in pending:
+                driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
         if parameters is None:
             cursor.execute(statement)
         else:
             cursor.execute(statement, parameters)
-        driver.execute(_COMMIT, prepare=False)
+        if commit and not (queued and _queue(driver, _COMMIT_ONLY)):
+            driver.execute(_COMMIT, prepare=False)
 
 
 async def _pipeline_async(driver: psycopg.AsyncConnection[Any], pending: Statements, cursor: Any, statement: str,
-                          parameters: Any) -> None:
+                          parameters: Any, commit: bool) -> None:
     # ``cursor`` is SQLAlchemy's adapter around a psycopg AsyncCursor: it keeps the rows itself,
     # fetched at once (its own execute does the same after the statement).
     _forget_prepared(driver)
     raw = cursor._cursor
     async with driver.pipeline():
-        for sql, params in pending:
-            await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        queued = _queue(driver, pending)
+        if not queued:
+            for sql, params in pending:
+                await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
         await (raw.execute(statement) if parameters is None else raw.execute(statement, parameters))
-        await driver.execute(_COMMIT, prepare=False)
+        if commit and not (queued and _queue(driver, _COMMIT_ONLY)):
+            await driver.execute(_COMMIT, prepare=False)
     result = raw.pgresult
     if result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK:
         import collections
@@ -449,7 +512,7 @@ def _on_commit(conn: Connection) -> None:
     if not conn.invalidated:
         info = conn.connection.info
         info.pop(_OPEN_TOKENS, None)  # their rows are committed: the tokens are spent
-        info.pop(_PENDING, None)  # a single-statement transaction that ran no statement: nothing was sent
+        info.pop(_PENDING, None)  # a held-back start whose transaction ran no statement: nothing was sent
 
 
 def _on_rollback(conn: Connection) -> None:

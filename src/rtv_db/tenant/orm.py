@@ -16,6 +16,7 @@ contextvar; the system scope marks its sessions ``info["rtv_system"]``.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
@@ -26,7 +27,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction, with_loader
 from ..errors import CrossTenantWriteError, InvalidInputError, MissingTenantContextError
 from ..schema.models import Client, TenantModel
 from .context import TenantContext, current_tenant_context
-from ._transaction import CONTEXT_OPTION
+from ._transaction import CONTEXT_OPTION, DEFERRED_START_OPTION
 
 __all__ = ["TenantSession", "tenant_session", "async_tenant_session", "SESSION_CONTEXT_KEY", "SESSION_SYSTEM_KEY"]
 
@@ -45,7 +46,12 @@ def _session_context(session: Session) -> TenantContext | None:
     return ctx if ctx is not None else current_tenant_context()
 
 
+@functools.lru_cache(maxsize=4096)
 def _criteria(tenant_id: uuid.UUID) -> tuple[Any, ...]:
+    """The two loader-criteria options for one tenant, built once per tenant (building them costs
+    more than SQLAlchemy's cached compile). The lambdas' closure (``tenant_id``) is a bound
+    parameter to SQLAlchemy's lambda caching: one cache key, one compiled statement, for every
+    tenant; the value is taken from the option at each execution."""
     return (
         with_loader_criteria(TenantModel, lambda cls: cls.client_id == tenant_id, include_aliases=True),
         with_loader_criteria(Client, lambda cls: cls.id == tenant_id, include_aliases=True),
@@ -109,7 +115,8 @@ def _bind_for(bind: Any, ctx: TenantContext) -> Any:
     if isinstance(bind, (Database, AsyncDatabase)):
         bind = bind.engine
     if isinstance(bind, (Engine, AsyncEngine)):
-        return bind.execution_options(**{CONTEXT_OPTION: ctx})
+        # The session's own transactions: their start rides with their first statement.
+        return bind.execution_options(**{CONTEXT_OPTION: ctx, DEFERRED_START_OPTION: True})
     if isinstance(bind, (Connection, AsyncConnection)):
         return bind  # already inside a scoped transaction whose context is set
     raise TypeError(f"cannot bind a tenant session to {type(bind).__name__}")
