@@ -234,3 +234,42 @@ def test_the_commands(target, tenants, large):
     assert result.exit_code == 1 and "has no search index" in " ".join(result.output.split())
     result = run(cli, ["search", "drop", *url, "--tenant", str(tenants.a)])
     assert result.exit_code == 0 and "dropped" in result.output and "no index" in result.output
+
+
+def test_the_orm_form_returns_session_objects_nearest_first(target, db, tenants, large):
+    from rtv_db import similar_chunk_models
+    from rtv_db.schema.models import KnowledgeChunk
+
+    centers, _, chunks = large
+    scope = with_tenant_scope(db, tenants.a)
+    query = _near(centers[4], 0.3)
+    for indexed in (False, True):
+        if indexed:
+            index_tenant(target, tenants.a)
+            search_keys.clear()
+        with scope.session() as session:
+            pairs = similar_chunk_models(session, query, k=10)
+            assert all(isinstance(m, KnowledgeChunk) and m in session for m, _ in pairs)
+            assert [d for _, d in pairs] == sorted(d for _, d in pairs) and len(pairs) == 10
+            assert len({m.id for m, _ in pairs} & set(_exact(chunks["a"], query, 10))) >= 9
+    with db.engine.connect() as conn, pytest.raises(Exception, match="tenant session"):
+        from sqlalchemy.orm import Session
+        similar_chunk_models(Session(bind=conn), query)
+
+
+async def test_the_async_twins_use_the_index_too(target, db, tenants, large):
+    from rtv_db import AsyncDatabase, async_similar_chunk_models
+
+    centers, _, chunks = large
+    index_tenant(target, tenants.a)
+    adb = AsyncDatabase(target.runtime_url)
+    try:
+        scope = with_tenant_scope(adb, tenants.a)
+        query = _near(centers[6], 0.3)
+        got = [r.id for r in await scope.similar_chunks(query, k=10)]
+        assert len(set(got) & set(_exact(chunks["a"], query, 10))) >= 9
+        async with scope.session() as session:
+            pairs = await async_similar_chunk_models(session, query, k=10)
+        assert [m.id for m, _ in pairs] == got
+    finally:
+        await adb.close()

@@ -88,6 +88,7 @@ from .tenant import (
     use_tenant_context,
     with_tenant_scope,
 )
+from .tenant.search import SimilarChunk, async_similar_chunk_models, similar_chunk_models
 
 __version__ = "0.1.0"
 
@@ -128,6 +129,10 @@ __all__ = [
     "require_tenant_context",
     "run_with_tenant_context",
     "SystemScope",
+    # similarity search (per-tenant indexes: rtv_db.search_index)
+    "SimilarChunk",
+    "similar_chunk_models",
+    "async_similar_chunk_models",
     # RLS helpers
     "set_tenant_context",
     "clear_tenant_context",

@@ -23,7 +23,7 @@ from ._statements import TableLike, build_delete, build_get, build_insert, build
 from ._transaction import (_SET_CONFIG, CONTEXT_OPTION, SINGLE_STATEMENT_OPTION, TRANSACTION_SETTINGS_OPTION,
                            transaction_settings)
 from .pagination import page_from_rows
-from .search import SEARCH_KEY_STATEMENT, SimilarChunk, needs_search_key, search_keys, similar_chunks_statement, to_results
+from .search import SEARCH_KEY_STATEMENT, SearchPlan, SimilarChunk, to_results
 
 __all__ = ["TenantScope", "AsyncTenantScope", "with_tenant_scope", "TenantScopedDb"]
 
@@ -127,19 +127,13 @@ class TenantScope(_ScopeBase[Database]):
         """This tenant's ``k`` knowledge chunks nearest to ``embedding``, nearest first, with their
         distance: exact within the tenant, or on the tenant's own HNSW index once it has one
         (rtv_db.tenant.search). Another tenant's knowledge base reads like a missing one: no results."""
-        options = dict(knowledge_base_id=knowledge_base_id, metric=metric, max_distance=max_distance,
-                       with_embedding=with_embedding)
-        stmt, params, settings = similar_chunks_statement(self.context, embedding, k, **options)  # validates
-        if needs_search_key(metric):
-            known, key = search_keys.get(self.db.engine, self.context.tenant_id)
-            if not known:
-                with self._connection() as conn:
-                    key = conn.execute(SEARCH_KEY_STATEMENT).scalar()
-                search_keys.put(self.db.engine, self.context.tenant_id, key)
-            if key is not None:
-                stmt, params, settings = similar_chunks_statement(self.context, embedding, k, search_key=key, **options)
-        with self._connection(settings) as conn:
-            return to_results(list(conn.execute(stmt, params)), with_embedding)
+        plan = SearchPlan(self.context, embedding, k, knowledge_base_id=knowledge_base_id, metric=metric,
+                          max_distance=max_distance, with_embedding=with_embedding)
+        if plan.needs_key(self.db.engine):
+            with self._connection() as conn:
+                plan.use_key(self.db.engine, conn.execute(SEARCH_KEY_STATEMENT).scalar())
+        with self._connection(plan.settings) as conn:
+            return to_results(list(conn.execute(plan.statement, plan.params)), with_embedding)
 
     @contextmanager
     def scoped_transaction(self) -> Iterator["TenantScope"]:
@@ -236,19 +230,13 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
                              knowledge_base_id: uuid.UUID | str | None = None, metric: str = "cosine",
                              max_distance: float | None = None, with_embedding: bool = False) -> list[SimilarChunk]:
         """The asyncio twin of :meth:`TenantScope.similar_chunks`."""
-        options = dict(knowledge_base_id=knowledge_base_id, metric=metric, max_distance=max_distance,
-                       with_embedding=with_embedding)
-        stmt, params, settings = similar_chunks_statement(self.context, embedding, k, **options)  # validates
-        if needs_search_key(metric):
-            known, key = search_keys.get(self.db.engine, self.context.tenant_id)
-            if not known:
-                async with self._connection() as conn:
-                    key = (await conn.execute(SEARCH_KEY_STATEMENT)).scalar()
-                search_keys.put(self.db.engine, self.context.tenant_id, key)
-            if key is not None:
-                stmt, params, settings = similar_chunks_statement(self.context, embedding, k, search_key=key, **options)
-        async with self._connection(settings) as conn:
-            return to_results(list(await conn.execute(stmt, params)), with_embedding)
+        plan = SearchPlan(self.context, embedding, k, knowledge_base_id=knowledge_base_id, metric=metric,
+                          max_distance=max_distance, with_embedding=with_embedding)
+        if plan.needs_key(self.db.engine):
+            async with self._connection() as conn:
+                plan.use_key(self.db.engine, (await conn.execute(SEARCH_KEY_STATEMENT)).scalar())
+        async with self._connection(plan.settings) as conn:
+            return to_results(list(await conn.execute(plan.statement, plan.params)), with_embedding)
 
     @asynccontextmanager
     async def scoped_transaction(self) -> AsyncIterator["AsyncTenantScope"]:

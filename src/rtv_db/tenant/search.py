@@ -35,7 +35,8 @@ from ..errors import InvalidInputError
 from ..schema.models import EMBEDDING_DIM
 from .context import TenantContext, parse_uuid
 
-__all__ = ["Metric", "SimilarChunk", "similar_chunks_statement", "MAX_K", "SEARCH_KEY_TTL", "EF_SEARCH"]
+__all__ = ["EF_SEARCH", "MAX_K", "SEARCH_KEY_TTL", "Metric", "SearchPlan", "SimilarChunk", "async_similar_chunk_models",
+           "similar_chunk_models", "similar_chunks_statement"]
 
 Metric = Literal["cosine", "l2", "inner_product"]
 MAX_K: Final = 1000
@@ -180,8 +181,39 @@ class SearchKeys:
 search_keys: Final = SearchKeys()
 
 
-def needs_search_key(metric: str) -> bool:
-    return metric == INDEXED_METRIC
+class SearchPlan:
+    """One validated search (``InvalidInputError`` at construction, nothing sent), exact until
+    the tenant's key says it has an index: the sync and async callers share it."""
+
+    def __init__(self, context: TenantContext, embedding: Sequence[float], k: int, **options: Any) -> None:
+        self.context, self.embedding, self.k, self.options = context, embedding, k, options
+        self.statement, self.params, self.settings = similar_chunks_statement(context, embedding, k, **options)
+
+    def needs_key(self, engine: Any) -> bool:
+        """True when the tenant's key must be read (``SEARCH_KEY_STATEMENT``) and given to :meth:`use_key`."""
+        if self.options.get("metric") != INDEXED_METRIC:
+            return False
+        known, key = search_keys.get(engine, self.context.tenant_id)
+        if known:
+            self._use(key)
+        return not known
+
+    def use_key(self, engine: Any, key: int | None) -> None:
+        search_keys.put(engine, self.context.tenant_id, key)
+        self._use(key)
+
+    def _use(self, key: int | None) -> None:
+        if key is not None:
+            self.statement, self.params, self.settings = similar_chunks_statement(
+                self.context, self.embedding, self.k, search_key=key, **self.options)
+
+    def settings_statement(self) -> tuple[Any, dict[str, str]] | None:
+        """The transaction settings as one statement, for a transaction already begun (the ORM's)."""
+        if not self.settings:
+            return None
+        calls = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(self.settings)))
+        params = {f"{p}{i}": x for i, pair in enumerate(self.settings) for p, x in zip(("n", "v"), pair, strict=True)}
+        return text(f"SELECT {calls}"), params
 
 
 def to_results(rows: Sequence[Any], with_embedding: bool) -> list[SimilarChunk]:
@@ -197,3 +229,60 @@ def to_results(rows: Sequence[Any], with_embedding: bool) -> list[SimilarChunk]:
             embedding=[float(x) for x in embedding] if embedding is not None else None,
         ))
     return out
+
+
+# -- the ORM form -------------------------------------------------------------------------------
+
+
+def _session_context(session: Any) -> TenantContext:
+    from ..errors import MissingTenantContextError
+    from .orm import SESSION_CONTEXT_KEY
+
+    context = session.info.get(SESSION_CONTEXT_KEY)
+    if not isinstance(context, TenantContext):
+        raise MissingTenantContextError("similar_chunk_models needs a tenant session (scope.session())")
+    return context
+
+
+def _models_by_id(rows: Sequence[Any], models: Sequence[Any]) -> list[tuple[Any, float]]:
+    by_id = {m.id: m for m in models}
+    return [(by_id[r.id], float(r.distance)) for r in rows if r.id in by_id]
+
+
+def _models_select(rows: Sequence[Any]) -> Any:
+    from sqlalchemy import select
+
+    from ..schema.models import KnowledgeChunk
+
+    return select(KnowledgeChunk).where(KnowledgeChunk.id.in_([r.id for r in rows]))
+
+
+def similar_chunk_models(session: Any, embedding: Sequence[float], k: int = 10, *,
+                         knowledge_base_id: uuid.UUID | str | None = None, metric: str = "cosine",
+                         max_distance: float | None = None) -> list[tuple[Any, float]]:
+    """``scope.similar_chunks`` for the ORM: ``(KnowledgeChunk, distance)`` pairs, nearest first,
+    loaded in ``session`` (a tenant session), so they are the session's objects to change."""
+    plan = SearchPlan(_session_context(session), embedding, k, knowledge_base_id=knowledge_base_id, metric=metric,
+                      max_distance=max_distance, with_embedding=False)
+    engine = session.get_bind().engine
+    if plan.needs_key(engine):
+        plan.use_key(engine, session.execute(SEARCH_KEY_STATEMENT).scalar())
+    if (settings := plan.settings_statement()) is not None:
+        session.execute(*settings)
+    rows = list(session.execute(plan.statement, plan.params))
+    return _models_by_id(rows, session.scalars(_models_select(rows)).all())
+
+
+async def async_similar_chunk_models(session: Any, embedding: Sequence[float], k: int = 10, *,
+                                     knowledge_base_id: uuid.UUID | str | None = None, metric: str = "cosine",
+                                     max_distance: float | None = None) -> list[tuple[Any, float]]:
+    """The asyncio twin of :func:`similar_chunk_models`, for an ``AsyncSession``."""
+    plan = SearchPlan(_session_context(session), embedding, k, knowledge_base_id=knowledge_base_id, metric=metric,
+                      max_distance=max_distance, with_embedding=False)
+    engine = session.get_bind().engine
+    if plan.needs_key(engine):
+        plan.use_key(engine, (await session.execute(SEARCH_KEY_STATEMENT)).scalar())
+    if (settings := plan.settings_statement()) is not None:
+        await session.execute(*settings)
+    rows = list(await session.execute(plan.statement, plan.params))
+    return _models_by_id(rows, (await session.scalars(_models_select(rows))).all())
