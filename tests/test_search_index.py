@@ -126,6 +126,18 @@ def test_search_keeps_k_results_under_a_knowledge_base_filter(target, db, tenant
     assert [r.id for r in near] == [r.id for r in got if r.distance <= limit]
 
 
+def test_a_walk_that_falls_short_of_k_is_done_exactly(target, db, system, tenants, large):
+    centers, _, _ = large
+    index_tenant(target, tenants.a)
+    tiny = uuid.uuid4()
+    with system.transaction() as conn:
+        conn.execute(knowledge_bases.insert().values(client_id=tenants.a, id=tiny, name="tiny"))
+    few = _load(system, tenants.a, tiny, centers, 5, 0.35)
+    query = _near(centers[0], 0.3)
+    got = with_tenant_scope(db, tenants.a).similar_chunks(query, k=10, knowledge_base_id=tiny)
+    assert [r.id for r in got] == _exact(few, query, 5)  # all five, nearest first
+
+
 def test_the_catalog_shows_a_number_not_the_tenant(target, db, tenants, large):
     index = index_tenant(target, tenants.a)
     with db.engine.connect() as conn:  # the runtime role reads the catalog like anyone

@@ -133,7 +133,11 @@ class TenantScope(_ScopeBase[Database]):
             with self._connection() as conn:
                 plan.use_key(self.db.engine, conn.execute(SEARCH_KEY_STATEMENT).scalar())
         with self._connection(plan.settings) as conn:
-            return to_results(list(conn.execute(plan.statement, plan.params)), with_embedding)
+            rows = list(conn.execute(plan.statement, plan.params))
+        if plan.fell_short(rows):
+            with self._connection() as conn:
+                rows = list(conn.execute(plan.statement, plan.params))
+        return to_results(plan.rows(rows), with_embedding)
 
     @contextmanager
     def scoped_transaction(self) -> Iterator["TenantScope"]:
@@ -236,7 +240,11 @@ class AsyncTenantScope(_ScopeBase[AsyncDatabase]):
             async with self._connection() as conn:
                 plan.use_key(self.db.engine, (await conn.execute(SEARCH_KEY_STATEMENT)).scalar())
         async with self._connection(plan.settings) as conn:
-            return to_results(list(await conn.execute(plan.statement, plan.params)), with_embedding)
+            rows = list(await conn.execute(plan.statement, plan.params))
+        if plan.fell_short(rows):
+            async with self._connection() as conn:
+                rows = list(await conn.execute(plan.statement, plan.params))
+        return to_results(plan.rows(rows), with_embedding)
 
     @asynccontextmanager
     async def scoped_transaction(self) -> AsyncIterator["AsyncTenantScope"]:

@@ -116,7 +116,10 @@ def similar_chunks_statement(
     columns = f"id, knowledge_base_id, content, metadata, {'embedding, ' if with_embedding else ''}"
     if search_key is not None and metric == INDEXED_METRIC:
         # The partial index's predicate, search_key = <key>, is matched by the planner: the key is
-        # a bound value of an unnamed statement, so the plan is made for it.
+        # a bound value of an unnamed statement, so the plan is made for it. max_distance is
+        # applied by SearchPlan to the k rows of the walk, which tell it whether the walk fell short.
+        params.pop("max_distance", None)
+        distance_filter = ""
         params["search_key"] = search_key
         sql = f"""
             SELECT * FROM (
@@ -188,6 +191,7 @@ class SearchPlan:
     def __init__(self, context: TenantContext, embedding: Sequence[float], k: int, **options: Any) -> None:
         self.context, self.embedding, self.k, self.options = context, embedding, k, options
         self.statement, self.params, self.settings = similar_chunks_statement(context, embedding, k, **options)
+        self.indexed = False  # walking the tenant's own index
 
     def needs_key(self, engine: Any) -> bool:
         """True when the tenant's key must be read (``SEARCH_KEY_STATEMENT``) and given to :meth:`use_key`."""
@@ -203,9 +207,28 @@ class SearchPlan:
         self._use(key)
 
     def _use(self, key: int | None) -> None:
-        if key is not None:
+        if key is not None and self.options.get("metric") == INDEXED_METRIC:
             self.statement, self.params, self.settings = similar_chunks_statement(
                 self.context, self.embedding, self.k, search_key=key, **self.options)
+            self.indexed = True
+
+    def fell_short(self, rows: Sequence[Any]) -> bool:
+        """True when the index walk gave fewer than k rows (a knowledge base with fewer chunks, or
+        pgvector's hnsw.max_scan_tuples reached under a filter): the plan is then the exact one,
+        to be run instead, so that a search never returns fewer than k of the tenant's chunks."""
+        if not self.indexed or len(rows) >= self.k:
+            return False
+        self.statement, self.params, self.settings = similar_chunks_statement(
+            self.context, self.embedding, self.k, **self.options)
+        self.indexed = False
+        return True
+
+    def rows(self, rows: Sequence[Any]) -> list[Any]:
+        """The result rows, ``max_distance`` applied where the SQL did not apply it."""
+        limit = self.options.get("max_distance")
+        if not self.indexed or limit is None:
+            return list(rows)
+        return [r for r in rows if r._mapping["distance"] <= limit]
 
     def settings_statement(self) -> tuple[Any, dict[str, str]] | None:
         """The transaction settings as one statement, for a transaction already begun (the ORM's)."""
@@ -270,6 +293,9 @@ def similar_chunk_models(session: Any, embedding: Sequence[float], k: int = 10, 
     if (settings := plan.settings_statement()) is not None:
         session.execute(*settings)
     rows = list(session.execute(plan.statement, plan.params))
+    if plan.fell_short(rows):
+        rows = list(session.execute(plan.statement, plan.params))
+    rows = plan.rows(rows)
     return _models_by_id(rows, session.scalars(_models_select(rows)).all())
 
 
@@ -285,4 +311,7 @@ async def async_similar_chunk_models(session: Any, embedding: Sequence[float], k
     if (settings := plan.settings_statement()) is not None:
         await session.execute(*settings)
     rows = list(await session.execute(plan.statement, plan.params))
+    if plan.fell_short(rows):
+        rows = list(await session.execute(plan.statement, plan.params))
+    rows = plan.rows(rows)
     return _models_by_id(rows, (await session.scalars(_models_select(rows))).all())
