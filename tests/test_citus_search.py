@@ -4,7 +4,8 @@ Three tenants with clustered random 384-dimension embeddings: A's chunks around 
 (on the same shard as A, so only the tenant filter and RLS keep them apart) and C's (on another
 shard) right around the query. A's ``similar_chunks`` returns exactly the brute-force top k over
 A's own chunks, never one of B's or C's; B's knowledge base reads like a missing one; and the
-search is routed to A's shard alone (``Task Count: 1``, the shard of A's ``client_id``).
+search is routed to A's shard alone (``Task Count: 1``, the shard of A's ``client_id``). A per-tenant
+index (rtv_db.search_index) is refused on Citus, and the search stays exact.
 
 The database is test_citus.py's ``citus_target`` (CITUS_URL, migrated unsigned and so
 distributed); ``make test-citus`` gives it a fresh database on every node. Skipped without
@@ -157,3 +158,15 @@ async def test_the_async_twin(citus_target: Target, corpus: Corpus) -> None:
     finally:
         await adb.close()
     assert [r.id for r in results] == corpus.expected(corpus.a, 10)
+
+
+def test_a_per_tenant_index_is_refused_and_the_search_stays_exact(citus_target: Target, db: Database,
+                                                                  corpus: Corpus) -> None:
+    from rtv_db.search_index import SearchIndexError, index_tenant
+
+    with pytest.raises(SearchIndexError, match="Citus"):
+        index_tenant(citus_target, corpus.a)
+    with psycopg.connect(to_libpq_url(citus_target.require_admin())) as conn:  # nothing was changed
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'knowledge_chunks_search_%'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM rtv_secret.search_indexes").fetchone() == (0,)
+    assert [r.id for r in with_tenant_scope(db, corpus.a).similar_chunks(corpus.query, k=10)] == corpus.expected(corpus.a, 10)
