@@ -172,6 +172,17 @@ def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, adm
     plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
     assert "Rows Removed by Filter" in plan, plan
 
+    # verify sees both the missing trigger and the mixed index; the documented fix clears them.
+    from rtv_db.verify import verify
+    assert {f.code for f in verify(target.admin_url)} == {"SEARCH_KEY_TRIGGER_MISSING", "SEARCH_INDEX_MIXED"}
+    admin_conn.execute("CREATE TRIGGER assign_search_key BEFORE INSERT OR UPDATE OF client_id, search_key"
+                       " ON knowledge_chunks FOR EACH ROW EXECUTE FUNCTION rtv.assign_search_key()")
+    drop_tenant_index(target, tenants.a)
+    index_tenant(target, tenants.a)
+    assert verify(target.admin_url) == []
+    plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
+    assert "Rows Removed by Filter" not in plan, plan
+
 
 def test_a_tenants_search_plan_is_the_same_whatever_others_store(target, db, system, tenants, large):
     centers, kbs, _ = large

@@ -31,6 +31,8 @@ ALL_CODES = {
     "POLICY_FOREIGN_FUNCTION", "READER_NOT_SIGNED", "TRIGGER_ON_TENANT_TABLE", "RULE_ON_TENANT_TABLE",
     "UNTENANTED_TABLE_READABLE", "LEAKPROOF_FUNCTION", "SECDEF_PRIVILEGED_OWNER", "SEQUENCE_SHARED",
     "SECRET_SCHEMA_USABLE", "SIGNING_KEY_UNEXPECTED",
+    # issue 14
+    "VECTOR_INDEX_SHARED", "SEARCH_KEY_TRIGGER_MISSING", "SEARCH_INDEX_MIXED",
 }
 
 
@@ -506,6 +508,19 @@ PLANTED = {
         {"SEQUENCE_SHARED"}),
     # the secret schema and the keys
     "USAGE on rtv_secret": ("GRANT USAGE ON SCHEMA rtv_secret TO rtv_app", {"SECRET_SCHEMA_USABLE"}),
+    # similarity search (issue 14)
+    "an HNSW index over every tenant": (
+        "CREATE INDEX shared_hnsw ON knowledge_chunks USING hnsw (embedding vector_cosine_ops)", {"VECTOR_INDEX_SHARED"}),
+    "an IVFFlat index over two keys": (
+        "CREATE INDEX two_keys ON knowledge_chunks USING ivfflat (embedding vector_l2_ops) WITH (lists = 1)"
+        " WHERE search_key IN (1, 2)", {"VECTOR_INDEX_SHARED"}),
+    "the search-key trigger dropped": ("DROP TRIGGER assign_search_key ON knowledge_chunks",
+                                       {"SEARCH_KEY_TRIGGER_MISSING"}),
+    "the search-key trigger disabled": ("ALTER TABLE knowledge_chunks DISABLE TRIGGER assign_search_key",
+                                        {"SEARCH_KEY_TRIGGER_MISSING"}),
+    "a per-tenant index of a key nobody has": (
+        "CREATE INDEX orphan ON knowledge_chunks USING hnsw (embedding vector_cosine_ops) WHERE search_key = 7",
+        {"SEARCH_INDEX_MIXED"}),
     "an extra signing key": (
         "INSERT INTO rtv_secret.context_keys (key_id, secret) VALUES ('known', decode(repeat('00', 32), 'hex'))",
         {"SIGNING_KEY_UNEXPECTED"}),

@@ -164,6 +164,10 @@ def _backfill(system: psycopg.Connection, tenant: uuid.UUID, key: int) -> None:
         system.execute(
             "UPDATE public.knowledge_chunks SET search_key = %s "
             "WHERE client_id = %s AND search_key IS DISTINCT FROM %s", (key, tenant, key))
+        # Rows of other tenants that carry the key (planted while the trigger was missing:
+        # verify's SEARCH_INDEX_MIXED) get their own tenant's key back from the trigger.
+        system.execute("UPDATE public.knowledge_chunks SET search_key = NULL WHERE search_key = %s AND client_id <> %s",
+                       (key, tenant))
 
 
 def _state(owner: psycopg.Connection, tenant: uuid.UUID, state: str) -> None:

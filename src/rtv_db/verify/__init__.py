@@ -52,6 +52,10 @@ from .planted import (  # noqa: I001
     check_signing_keys,
     check_tenant_table_triggers,
 )
+from .search import (  # noqa: I001
+    check_search_keys,
+    check_vector_indexes,
+)
 from .report import (  # noqa: I001
     findings_to_json,
     render_report,
@@ -72,6 +76,8 @@ __all__ = [
     "TenantTable",
     "tenant_tables",
     "check_context_mode",
+    "check_search_keys",
+    "check_vector_indexes",
     "check_keys",
     "check_leakproof_functions",
     "check_policy_always_true",
