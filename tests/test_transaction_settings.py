@@ -97,3 +97,28 @@ def test_settings_take_a_mapping_and_text_values():
     assert transaction_settings({"enable_seqscan": False, "hnsw.ef_search": 100}) == (
         ("enable_seqscan", "off"), ("hnsw.ef_search", "100"))
     assert transaction_settings([["hnsw.iterative_scan", "relaxed_order"]]) == (("hnsw.iterative_scan", "relaxed_order"),)
+
+
+@pytest.mark.parametrize("single_call", [True, False])
+def test_a_refused_context_is_reported_as_such_with_settings_after_it(db, tenants, monkeypatch, single_call):
+    from rtv_db import TenantContextRefusedError
+    from rtv_db.tenant import _transaction
+
+    real = _transaction.ContextSetter.statement
+
+    def forged(self, ctx):
+        sql, params = real(self, ctx)
+        token = params[0]
+        return sql, (token[:-1] + ("1" if token[-1] == "0" else "0"),) + params[1:]  # a broken MAC
+
+    scope = with_tenant_scope(db, tenants.a)
+    monkeypatch.setattr(_transaction.ContextSetter, "statement", forged)
+    with pytest.raises(TenantContextRefusedError):  # not the PipelineAborted of the settings after it
+        if single_call:
+            with scope._connection(settings=SETTINGS) as conn:
+                conn.exec_driver_sql("SELECT 1")
+        else:
+            with db.engine.connect() as conn:
+                conn = conn.execution_options(**{CONTEXT_OPTION: scope.context, TRANSACTION_SETTINGS_OPTION: SETTINGS})
+                with conn.begin():
+                    pass

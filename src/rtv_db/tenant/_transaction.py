@@ -373,7 +373,19 @@ def _start(conn: Connection, driver: Any, statements: Statements) -> None:
         else:
             _send_sync(driver, statements)  # type: ignore[arg-type]
     except psycopg.Error as exc:
-        _raise_start_error(conn, driver, statements, exc)
+        _raise_start_error(conn, driver, statements, _first_error(exc))
+
+
+def _first_error(exc: psycopg.Error) -> psycopg.Error:
+    """The error that aborted a pipeline, not the ``PipelineAborted`` of a statement after it.
+
+    psycopg raises the first error of a pipeline's results, but at the pipeline's end it may then
+    raise ``PipelineAborted`` for a later statement, with the first error as its context.
+    """
+    first: BaseException = exc
+    while isinstance(first, psycopg.errors.PipelineAborted) and first.__context__ is not None:
+        first = first.__context__
+    return first if isinstance(first, psycopg.Error) else exc
 
 
 def _raise_start_error(conn: Connection, driver: Any, statements: Statements, exc: psycopg.Error) -> None:
@@ -442,8 +454,11 @@ def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: A
         else:
             _pipeline_sync(driver, pending, cursor, statement, parameters, commit)
     except psycopg.Error as exc:
-        if _is_start_error(exc):
-            _raise_start_error(conn, driver, pending, exc)
+        first = _first_error(exc)
+        if _is_start_error(first):
+            _raise_start_error(conn, driver, pending, first)
+        if first is not exc:
+            raise first from None  # the statement's own error, not the COMMIT it aborted
         raise  # the statement's (or COMMIT's) own error: SQLAlchemy reports it as usual
     return True
 
