@@ -81,6 +81,11 @@ def _plan(scope, query, *, k=10, key=None, knowledge_base_id=None) -> str:
             text("EXPLAIN (ANALYZE, BUFFERS OFF, COSTS OFF, TIMING OFF, SUMMARY OFF) " + stmt.text), params))
 
 
+def _index(target, tenant):
+    """A's 3,000 chunks are below the default size for an index (10,000): say so."""
+    return index_tenant(target, tenant, min_chunks=1000)
+
+
 def _key(db, tenant) -> int | None:
     with with_tenant_scope(db, tenant).scoped_transaction() as tx:
         return tx.connection.execute(text("SELECT rtv.current_search_key()")).scalar()
@@ -88,7 +93,7 @@ def _key(db, tenant) -> int | None:
 
 def test_a_large_tenants_search_walks_its_own_index_only(target, db, tenants, large):
     centers, _, chunks = large
-    index = index_tenant(target, tenants.a)
+    index = _index(target, tenants.a)
     assert index.state == "ready" and index.chunks == 3000 and index.size_bytes and index.build_seconds is not None
     assert str(tenants.a) not in index.index_name
     key = _key(db, tenants.a)
@@ -111,7 +116,7 @@ def test_a_large_tenants_search_walks_its_own_index_only(target, db, tenants, la
 
 def test_search_keeps_k_results_under_a_knowledge_base_filter(target, db, tenants, large):
     centers, kbs, chunks = large
-    index_tenant(target, tenants.a)
+    _index(target, tenants.a)
     side_kb = kbs[tenants.a][1]
     query = _near(centers[0], 0.3)
     got = with_tenant_scope(db, tenants.a).similar_chunks(query, k=20, knowledge_base_id=side_kb)
@@ -128,7 +133,7 @@ def test_search_keeps_k_results_under_a_knowledge_base_filter(target, db, tenant
 
 def test_a_walk_that_falls_short_of_k_is_done_exactly(target, db, system, tenants, large):
     centers, _, _ = large
-    index_tenant(target, tenants.a)
+    _index(target, tenants.a)
     tiny = uuid.uuid4()
     with system.transaction() as conn:
         conn.execute(knowledge_bases.insert().values(client_id=tenants.a, id=tiny, name="tiny"))
@@ -139,7 +144,7 @@ def test_a_walk_that_falls_short_of_k_is_done_exactly(target, db, system, tenant
 
 
 def test_the_catalog_shows_a_number_not_the_tenant(target, db, tenants, large):
-    index = index_tenant(target, tenants.a)
+    index = _index(target, tenants.a)
     with db.engine.connect() as conn:  # the runtime role reads the catalog like anyone
         definition = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
                                   {"n": index.index_name}).scalar()
@@ -161,7 +166,7 @@ def _injected_write(db, tenant, key):
 
 def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, admin_conn, tenants, large):
     centers, _, _ = large
-    index = index_tenant(target, tenants.a)                 # A is the victim here, B the attacker
+    index = _index(target, tenants.a)                 # A is the victim here, B the attacker
     assert _injected_write(db, tenants.b, index.search_key) == 0  # the trigger set B's rows' key back
     plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
     assert "Rows Removed by Filter" not in plan, plan
@@ -178,7 +183,7 @@ def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, adm
     admin_conn.execute("CREATE TRIGGER assign_search_key BEFORE INSERT OR UPDATE OF client_id, search_key"
                        " ON knowledge_chunks FOR EACH ROW EXECUTE FUNCTION rtv.assign_search_key()")
     drop_tenant_index(target, tenants.a)
-    index_tenant(target, tenants.a)
+    _index(target, tenants.a)
     assert verify(target.admin_url) == []
     plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
     assert "Rows Removed by Filter" not in plan, plan
@@ -186,7 +191,7 @@ def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, adm
 
 def test_a_tenants_search_plan_is_the_same_whatever_others_store(target, db, system, tenants, large):
     centers, kbs, _ = large
-    index = index_tenant(target, tenants.a)
+    index = _index(target, tenants.a)
     query = _near(centers[2], 0.3)
     plans = {"a": _plan(with_tenant_scope(db, tenants.a), query, key=index.search_key),
              "b": _plan(with_tenant_scope(db, tenants.b), query)}
@@ -199,7 +204,7 @@ def test_a_tenants_search_plan_is_the_same_whatever_others_store(target, db, sys
 
 def test_drop_returns_to_exact_and_a_stale_key_still_finds_every_row(target, db, system, tenants, large):
     centers, kbs, chunks = large
-    index = index_tenant(target, tenants.a)
+    index = _index(target, tenants.a)
     scope = with_tenant_scope(db, tenants.a)
     query = _near(centers[5], 0.3)
     scope.similar_chunks(query, k=5)                          # caches A's key
@@ -211,7 +216,7 @@ def test_drop_returns_to_exact_and_a_stale_key_still_finds_every_row(target, db,
     assert _key(db, tenants.a) is None
     exact = [r.id for r in scope.similar_chunks(query, k=10)]  # exact again (float32 ties aside)
     assert set(exact[:3]) == {cid for cid, _ in new} and len(set(exact) & set(_exact(chunks["a"] + new, query, 10))) >= 9
-    assert index_tenant(target, tenants.a).search_key == index.search_key  # the key stays with A
+    assert _index(target, tenants.a).search_key == index.search_key  # the key stays with A
 
 
 def test_index_large_tenants_picks_tenants_above_the_size(target, tenants, large):
@@ -228,6 +233,8 @@ def test_bad_input_is_refused_and_nothing_is_built(target, tenants):
         index_tenant(target, uuid.uuid4())
     with pytest.raises(InvalidInputError, match="m must be"):
         index_tenant(target, tenants.a, m=1)
+    with pytest.raises(InvalidInputError, match="fewer than 10000: its searches are exact"):
+        index_tenant(target, tenants.a)  # no chunks: below the default size
     with pytest.raises(InvalidInputError, match="no search index"):
         drop_tenant_index(target, tenants.a)
     with pytest.raises(InvalidInputError, match="min_chunks"):
@@ -249,7 +256,9 @@ def test_the_commands(target, tenants, large):
     result = run(cli, ["search", "list", *url])
     assert result.exit_code == 0 and "every search is exact" in result.output
     result = run(cli, ["search", "index", *url])
-    assert result.exit_code == 2 and "--tenant or --min-chunks" in result.output
+    assert result.exit_code == 2 and "--tenant, --min-chunks, or both" in result.output
+    result = run(cli, ["search", "index", *url, "--tenant", str(tenants.a)])
+    assert result.exit_code == 1 and "fewer than 10000" in " ".join(result.output.split())
     result = run(cli, ["search", "index", *url, "--min-chunks", "1000"])
     assert result.exit_code == 0, result.output
     assert f"{tenants.a}: ready, 3000 chunks, knowledge_chunks_search_" in result.output and str(tenants.b) not in result.output
@@ -268,7 +277,7 @@ def test_the_orm_form_returns_session_objects_nearest_first(target, db, tenants,
     query = _near(centers[4], 0.3)
     for indexed in (False, True):
         if indexed:
-            index_tenant(target, tenants.a)
+            _index(target, tenants.a)
             search_keys.clear()
         with scope.session() as session:
             pairs = similar_chunk_models(session, query, k=10)
@@ -284,7 +293,7 @@ async def test_the_async_twins_use_the_index_too(target, db, tenants, large):
     from rtv_db import AsyncDatabase, async_similar_chunk_models
 
     centers, _, chunks = large
-    index_tenant(target, tenants.a)
+    _index(target, tenants.a)
     adb = AsyncDatabase(target.runtime_url)
     try:
         scope = with_tenant_scope(adb, tenants.a)

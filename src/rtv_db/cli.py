@@ -494,17 +494,20 @@ def _print_index(index: Any) -> None:
 @database_url_option
 @click.option("--tenant", "tenant_id", default=None, help="The tenant (client id) to index.")
 @click.option("--min-chunks", type=click.IntRange(min=1), default=None,
-              help="Instead: index every tenant with at least this many chunks and no ready index.")
+              help="Without --tenant: index every tenant with at least this many chunks and no ready index. "
+                   "With it: the size below which the tenant is refused (default 10000).")
 @click.pass_context
 @_fail_cleanly
 def search_index(ctx: click.Context, database_url: str | None, tenant_id: str | None, min_chunks: int | None) -> None:
     """Build a tenant's own index (no writer is blocked); its searches use it once it is ready."""
-    from .search_index import index_large_tenants, index_tenant
+    from .search_index import DEFAULT_MIN_CHUNKS, index_large_tenants, index_tenant
 
-    if (tenant_id is None) == (min_chunks is None):
-        raise click.UsageError("give --tenant or --min-chunks (one of them)")
+    if tenant_id is None and min_chunks is None:
+        raise click.UsageError("give --tenant, --min-chunks, or both")
     target = target_for(database_url, ctx.obj["data_dir"])
-    built = [index_tenant(target, tenant_id)] if tenant_id else index_large_tenants(target, min_chunks=min_chunks or 1)
+    minimum = min_chunks or DEFAULT_MIN_CHUNKS
+    built = ([index_tenant(target, tenant_id, min_chunks=minimum)] if tenant_id
+             else index_large_tenants(target, min_chunks=minimum))
     for index in built:
         _print_index(index)
     if not built:

@@ -176,15 +176,19 @@ def _state(owner: psycopg.Connection, tenant: uuid.UUID, state: str) -> None:
 
 
 def index_tenant(target: Target | str, tenant_id: uuid.UUID | str, *, settings: Settings | None = None,
-                 m: int = 16, ef_construction: int = 64, maintenance_work_mem: str = "1GB") -> TenantSearchIndex:
+                 min_chunks: int = DEFAULT_MIN_CHUNKS, m: int = 16, ef_construction: int = 64,
+                 maintenance_work_mem: str = "1GB") -> TenantSearchIndex:
     """Build ``tenant_id``'s own HNSW index (cosine) and switch its searches to it.
 
     ``target`` is a :class:`~rtv_db.targets.Target` or an admin URL. Idempotent: a ready index is
-    left as it is. An unknown tenant is :class:`~rtv_db.InvalidInputError`; on Citus, or when the
-    build fails, :class:`SearchIndexError` (the tenant's searches stay exact).
+    left as it is. A tenant with fewer than ``min_chunks`` chunks is refused
+    (:class:`~rtv_db.InvalidInputError`): its exact search is fast, and exact (recall 1.0), where
+    the index is approximate. So is an unknown tenant. On Citus, or when the build fails,
+    :class:`SearchIndexError` (the tenant's searches stay exact).
     """
     tenant = _tenant(tenant_id)
-    for name, value, low, high in (("m", m, 2, 100), ("ef_construction", ef_construction, 4, 1000)):
+    for name, value, low, high in (("m", m, 2, 100), ("ef_construction", ef_construction, 4, 1000),
+                                   ("min_chunks", min_chunks, 1, 2**31)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise InvalidInputError(f"{name} must be an integer from {low} to {high}")
     target = _target(target, settings)
@@ -193,6 +197,10 @@ def index_tenant(target: Target | str, tenant_id: uuid.UUID | str, *, settings: 
         _refuse_citus(admin)
         if system.execute("SELECT 1 FROM public.clients WHERE id = %s", (tenant,)).fetchone() is None:
             raise InvalidInputError(f"no tenant {tenant}")
+        if (chunks := _chunks(system, tenant)) < min_chunks:
+            raise InvalidInputError(
+                f"tenant {tenant} has {chunks} chunks, fewer than {min_chunks}: its searches are exact and "
+                "need no index (pass a lower min_chunks, --min-chunks, to index it anyway)")
         _as_owner(admin, settings)
         existing = admin.execute("SELECT search_key, state FROM rtv_secret.search_indexes WHERE tenant_id = %s",
                                  (tenant,)).fetchone()
@@ -266,4 +274,4 @@ def index_large_tenants(target: Target | str, *, min_chunks: int = DEFAULT_MIN_C
             "SELECT client_id FROM public.knowledge_chunks GROUP BY client_id HAVING count(*) >= %s ORDER BY 1",
             (min_chunks,))]
     ready = {i.tenant_id for i in tenant_indexes(target) if i.state == "ready" and i.size_bytes is not None}
-    return [index_tenant(target, t) for t in large if t not in ready]
+    return [index_tenant(target, t, min_chunks=min_chunks) for t in large if t not in ready]
