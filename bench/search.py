@@ -160,6 +160,7 @@ class Query:
     foreign: bool
     truth: np.ndarray  # the exact top-K row numbers
     kth: float  # the K-th smallest true distance
+    mean: float  # the mean true distance of the exact top K
 
 
 def _distances(t: Tenant, q: np.ndarray) -> np.ndarray:
@@ -177,7 +178,7 @@ def make_queries(corpus: Corpus, tenants: list[Tenant], n: int, seed: int) -> li
         q = _unit(centre + QUERY_SIGMA * rng.standard_normal(DIM)).astype(np.float32).astype(np.float64)
         d = _distances(t, q)
         top = np.argsort(d, kind="stable")[:K]
-        out.append(Query(t, [float(x) for x in q], foreign, top, float(d[top[-1]])))
+        out.append(Query(t, [float(x) for x in q], foreign, top, float(d[top[-1]]), float(d[top].mean())))
     return out
 
 
@@ -187,19 +188,48 @@ def _row_of(chunk_id: uuid.UUID) -> tuple[int, int]:
     return int(h[:8], 16), int(h[20:], 16)
 
 
-def recall(q: Query, ids: list[uuid.UUID]) -> tuple[float, int]:
-    """Recall@K of ``ids`` for ``q`` (ties within TIE_EPS of the K-th count), and foreign chunks."""
+def recall(q: Query, ids: list[uuid.UUID]) -> tuple[float, int, float | None]:
+    """Recall@K of ``ids`` for ``q`` (ties within TIE_EPS of the K-th count), the number of other
+    tenants' chunks, and the mean true distance of the tenant's chunks returned / that of the exact
+    top K, minus 1 (how much farther the answer is: 0 when exact)."""
     qv = np.asarray(q.values)
     hits = foreign = 0
+    distances = []
     for chunk_id in ids[:K]:
         tenant, row = _row_of(chunk_id)
         if tenant != q.tenant.index:
             foreign += 1
             continue
         v = q.tenant.exact()[row]
-        if 1.0 - float(v @ qv) / (np.linalg.norm(v) * np.linalg.norm(qv)) <= q.kth + TIE_EPS:
-            hits += 1
-    return hits / K, foreign
+        d = 1.0 - float(v @ qv) / (np.linalg.norm(v) * np.linalg.norm(qv))
+        distances.append(d)
+        hits += d <= q.kth + TIE_EPS
+    return hits / K, foreign, (statistics.fmean(distances) / q.mean - 1.0) if distances else None
+
+
+def quality(queries: list[Query], got: dict[str, dict[int, list[uuid.UUID]]]) -> dict[str, Any]:
+    """Per variant: recall@K (all queries, own-topic, foreign-topic), the lowest, answers with fewer
+    than K, other tenants' chunks, and the mean distance excess (see :func:`recall`)."""
+    out: dict[str, Any] = {}
+    for name, answers in got.items():
+        per: dict[str, list[float]] = {"all": [], "own_topic": [], "foreign_topic": []}
+        excess: dict[str, list[float]] = {"own_topic": [], "foreign_topic": []}
+        foreign = short = 0
+        for i, ids in answers.items():
+            q = queries[i]
+            r, f, x = recall(q, ids)
+            kind = "foreign_topic" if q.foreign else "own_topic"
+            per["all"].append(r)
+            per[kind].append(r)
+            if x is not None:
+                excess[kind].append(x)
+            foreign += f
+            short += len(ids) < min(K, len(q.tenant.vectors))
+        out[name] = {"recall_at_10": {k: round(statistics.fmean(v), 4) if v else None for k, v in per.items()},
+                     "min_recall": round(min(per["all"]), 2), "queries": len(per["all"]),
+                     "fewer_than_k": short, "other_tenants_chunks": foreign,
+                     "distance_excess": {k: round(statistics.fmean(v), 5) if v else None for k, v in excess.items()}}
+    return out
 
 
 def _literal(values: list[float]) -> str:
@@ -347,23 +377,6 @@ class Variants:
             settings = dict(context.execution_options).get(SETTINGS_OPTION) if context is not None else None
             self.sent.append((statement, parameters, tuple(tuple(p) for p in (settings.items() if isinstance(settings, dict) else settings or ()))))
 
-    def quality(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, got in self.got.items():
-            per: dict[str, list[float]] = {"all": [], "own_topic": [], "foreign_topic": []}
-            foreign = short = 0
-            for i, ids in got.items():
-                q = self.queries[i]
-                r, f = recall(q, ids)
-                per["all"].append(r)
-                per["foreign_topic" if q.foreign else "own_topic"].append(r)
-                foreign += f
-                short += len(ids) < min(K, len(q.tenant.vectors))
-            out[name] = {"recall_at_10": {k: round(statistics.fmean(v), 4) if v else None for k, v in per.items()},
-                         "min_recall": round(min(per["all"]), 2), "queries": len(per["all"]),
-                         "fewer_than_k": short, "other_tenants_chunks": foreign}
-        return out
-
     def explain(self) -> dict[str, list[str]]:
         """EXPLAIN ANALYZE of the first query in each variant's own form."""
         from rtv_db import with_tenant_scope
@@ -405,7 +418,7 @@ def measure(server: BenchServer, ds: Dataset, queries: list[Query], rounds: int,
         t0 = time.perf_counter()
         stats = interleave(v.fns, rounds=rounds, batch=batch, warmup=warmup, baseline="exact_scan")
         seconds = time.perf_counter() - t0
-        quality = v.quality()
+        quality_ = quality(queries, v.got)
         plans = v.explain()
         settings = [list(p) for p in v.settings]
     finally:
@@ -416,7 +429,7 @@ def measure(server: BenchServer, ds: Dataset, queries: list[Query], rounds: int,
         "variants": {name: {"p50_ms": round(s.median_us / 1000, 3), "p95_ms": round(s.p95_us / 1000, 3),
                             "mean_ms": round(s.mean_us / 1000, 3), "n": s.n,
                             "x_exact_scan_p50": round(s.ratio, 3) if s.ratio is not None else None,
-                            **quality[name]} for name, s in stats.items()},
+                            **quality_[name]} for name, s in stats.items()},
         "plans": {name: _elide(plan) for name, plan in plans.items()},
         "rtvdb_transaction_settings": settings,
     }
@@ -430,16 +443,22 @@ def index_large_tenant(server: BenchServer, ds: Dataset, tenant: Tenant) -> dict
         from rtv_db import search_index
     except ImportError:
         return None
+    import inspect
+
+    # index_tenant refuses a tenant below its size guard (min_chunks); the smoke run's "large"
+    # tenant is below it, and is indexed anyway (the guard is lowered to its size).
+    kwargs = {"min_chunks": len(tenant.vectors)} if "min_chunks" in inspect.signature(search_index.index_tenant).parameters \
+        and len(tenant.vectors) < getattr(search_index, "DEFAULT_MIN_CHUNKS", 0) else {}
     t0 = time.perf_counter()
     try:
-        info = search_index.index_tenant(ds.target.require_admin(), tenant.id)
+        info = search_index.index_tenant(ds.target.require_admin(), tenant.id, **kwargs)
     except Exception as exc:  # recorded and reported: the rest of the run stands
         return {"error": f"{type(exc).__name__}: {exc}", "call_seconds": round(time.perf_counter() - t0, 2)}
     seconds = time.perf_counter() - t0
     fields = asdict(info) if hasattr(info, "__dataclass_fields__") else dict(info) if isinstance(info, dict) else {"info": repr(info)}
     fields = {k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in fields.items()}
     name = next((fields[k] for k in ("index_name", "index", "name") if isinstance(fields.get(k), str)), None)
-    out: dict[str, Any] = {"call_seconds": round(seconds, 2), "info": fields}
+    out: dict[str, Any] = {"call_seconds": round(seconds, 2), "info": fields, "arguments": kwargs}
     if name:
         with server.admin(ds.name) as conn:
             regclass = conn.execute("SELECT to_regclass(%s)::text", (name,)).fetchone()[0]  # type: ignore[index]
@@ -448,6 +467,51 @@ def index_large_tenant(server: BenchServer, ds: Dataset, tenant: Tenant) -> dict
                 out["bytes"] = _size(conn, regclass)
                 out["definition"] = conn.execute("SELECT pg_get_indexdef(%s::regclass)", (regclass,)).fetchone()[0]  # type: ignore[index]
     return out
+
+
+EF_VALUES = (40, 100, 200, 400, 1000)
+
+
+def ef_sweep(server: BenchServer, ds: Dataset, key: int, queries: list[Query], rounds: int, batch: int,
+             warmup: int) -> dict[str, Any]:
+    """The large tenant's own index walked directly (admin, psycopg, one pipeline each: ``SET LOCAL
+    hnsw.ef_search``, iterative scan, the partial index's predicate), at each of EF_VALUES,
+    interleaved: what recall and latency each candidate-list size gives on this tenant."""
+    statement = (f"WITH r AS MATERIALIZED (SELECT id, embedding <=> %(q)s::vector AS distance FROM public.knowledge_chunks"
+                 f" WHERE search_key = {int(key)} ORDER BY embedding <=> %(q)s::vector LIMIT {K}) SELECT id FROM r ORDER BY distance")
+    n = len(queries)
+    conns: list[psycopg.Connection[Any]] = []
+    got: dict[str, dict[int, list[uuid.UUID]]] = {}
+    fns: dict[str, Callable[[int], None]] = {}
+    for ef in EF_VALUES:
+        conn = psycopg.connect(to_libpq_url(server.url_for(ds.name)))
+        conns.append(conn)
+        name = f"ef_search_{ef}"
+        got[name] = {}
+
+        def walk(i: int, conn: psycopg.Connection[Any] = conn, ef: int = ef, name: str = name) -> None:
+            q = queries[i % n]
+            with conn.pipeline():
+                conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                cur = conn.execute(statement, {"q": _literal(q.values)})
+            rows = cur.fetchall()
+            conn.commit()
+            got[name][i % n] = [r[0] for r in rows]
+
+        fns[name] = walk
+    try:
+        stats = interleave(fns, rounds=rounds, batch=batch, warmup=warmup, baseline=None)
+        with conns[0].transaction():
+            plan = [r[0] for r in conns[0].execute("EXPLAIN (COSTS OFF) " + statement, {"q": _literal(queries[0].values)})]
+    finally:
+        for conn in conns:
+            conn.close()
+    q = quality(queries, got)
+    return {"rounds": rounds, "batch": batch, "warmup": warmup, "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "plan": _elide(plan),
+            "variants": {name: {"ef_search": int(name.rsplit("_", 1)[1]), "p50_ms": round(st.median_us / 1000, 3),
+                                "p95_ms": round(st.p95_us / 1000, 3), "n": st.n, **q[name]} for name, st in stats.items()}}
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -505,6 +569,10 @@ def run(sizes: Sizes, database_url: str | None, say: Callable[[str], None], prog
         elif indexed is not None:
             say(f"  {indexed.get('index')}: {indexed['call_seconds']} s")
             say("large tenant, after its index: interleaved")
+            key = (indexed.get("info") or {}).get("search_key")
+            if isinstance(key, int):
+                say(f"  the large tenant's index walked directly at hnsw.ef_search {', '.join(map(str, EF_VALUES))}: interleaved")
+                res["ef_sweep"] = ef_sweep(server, ds, key, large_q, sizes.large_rounds, sizes.large_batch, sizes.warmup)
             res["measurements"]["large_after_index"] = measure(server, ds, large_q, sizes.large_rounds, sizes.large_batch,
                                                                sizes.warmup, plain=False)  # exact either way: measured before
         else:
@@ -569,7 +637,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
         f"{load['copy_seconds']} s, in one transaction with `SET LOCAL rtv.audit_bulk_load = 'on'` (rtv-db's bulk switch "
         f"for the system role: {load['audit_events_of_the_load']} audit events from the load). Queries: top {r['corpus']['k']} by cosine distance, "
         f"{round(100 * (1 - r['corpus']['foreign_share']))} % near one of the tenant's own centres, "
-        f"{round(100 * r['corpus']['foreign_share'])} % near a random global topic. Recall@10 is against an exact search in numpy.",
+        f"{round(100 * r['corpus']['foreign_share'])} % near a random global topic. Recall@10 is against an exact search in numpy; "
+        "*distance excess*: how much farther (mean cosine distance) the tenant's chunks returned are than the exact top 10.",
         "",
         "## Latency and recall",
         "",
@@ -585,13 +654,27 @@ def markdown(r: dict[str, Any], command: str) -> str:
                   f"{meas['distinct_queries']} distinct queries, {meas['seconds']} s, load average {meas['loadavg']}"
                   + (f"; rtv-db's transaction settings: {', '.join(f'`{n} = {v}`' for n, v in meas['rtvdb_transaction_settings'])}"
                      if meas.get("rtvdb_transaction_settings") else "") + ".", "",
-                  "| variant | p50 ms | p95 ms | p50 × exact | recall@10 | own topic | foreign topic | min | < k | other tenants' chunks | plan |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| variant | p50 ms | p95 ms | p50 × exact | recall@10 | own topic | foreign topic | min | < k | other tenants' chunks"
+                  " | distance excess (own / foreign) | plan |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for name, v in meas["variants"].items():
             rc = v["recall_at_10"]
             lines.append(f"| {_LABELS[name]} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['x_exact_scan_p50']:.2f} | "
                          f"{rc['all']:.4f} | {_fmt(rc['own_topic'])} | {_fmt(rc['foreign_topic'])} | {v['min_recall']:.1f} | "
-                         f"{v['fewer_than_k']} | {v['other_tenants_chunks']} | {_scan_nodes(meas['plans'][name])} |")
+                         f"{v['fewer_than_k']} | {v['other_tenants_chunks']} | {_excess(v)} | {_scan_nodes(meas['plans'][name])} |")
+        lines.append("")
+    sweep = r.get("ef_sweep")
+    if sweep:
+        lines += ["### The large tenant's own index walked directly, by `hnsw.ef_search`", "",
+                  f"Admin, psycopg, `SET LOCAL hnsw.ef_search`, `hnsw.iterative_scan = relaxed_order`, the partial index's predicate "
+                  f"`search_key = <key>`; {sweep['rounds']} rounds × {sweep['batch']} per value, interleaved, the same queries as above, "
+                  f"load average {sweep['loadavg']}. Plan: {_scan_nodes(sweep['plan'])}.", "",
+                  "| ef_search | p50 ms | p95 ms | recall@10 | own topic | foreign topic | min | distance excess (own / foreign) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for v in sweep["variants"].values():
+            rc = v["recall_at_10"]
+            lines.append(f"| {v['ef_search']} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {rc['all']:.4f} | {_fmt(rc['own_topic'])} | "
+                         f"{_fmt(rc['foreign_topic'])} | {v['min_recall']:.1f} | {_excess(v)} |")
         lines.append("")
     lines += _targets(r)
     lines += ["## Indexes: sizes and build times", "", "| index | rows | size | build s |", "|---|---:|---:|---:|"]
@@ -639,6 +722,11 @@ def _targets(r: dict[str, Any]) -> list[str]:
         rows.append(f"| {_MEASUREMENTS[key].format(**sz)} | {v['p50_ms']:.2f} ms (≤ {limit:g}: **{'met' if v['p50_ms'] <= limit else 'not met'}**) | "
                     f"{rc:.4f} ({'=' if floor == 1.0 else '≥'} {floor:g}: **{'met' if rc >= floor else 'not met'}**) |")
     return ["## Issue 14's targets (rtv-db)", "", "| tenant | p50 | recall@10 |", "|---|---|---|", *rows, ""]
+
+
+def _excess(v: dict[str, Any]) -> str:
+    e = v["distance_excess"]
+    return " / ".join("-" if e[k] is None else f"{100 * e[k]:.2f} %" for k in ("own_topic", "foreign_topic"))
 
 
 def _fmt(x: float | None) -> str:
