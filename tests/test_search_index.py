@@ -54,6 +54,7 @@ def _load(system, tenant: uuid.UUID, kb: uuid.UUID, centers: list[list[float]], 
 @pytest.fixture()
 def large(system, tenants):
     """A: 3,000 chunks over 8 topics in two knowledge bases; B: 300 chunks around A's topics."""
+    RNG.seed(1414)  # the same data whichever tests ran before
     centers = [_unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)]) for _ in range(TOPICS)]
     kbs = {tenants.a: (uuid.uuid4(), uuid.uuid4()), tenants.b: (uuid.uuid4(),)}
     with system.transaction() as conn:
@@ -104,7 +105,7 @@ def test_a_large_tenants_search_walks_its_own_index_only(target, db, tenants, la
     assert index.index_name in plan, plan
     assert "Rows Removed by Filter" not in plan, plan  # nothing of another tenant in the walk
     hits = total = 0
-    for topic in range(TOPICS):
+    for topic in list(range(TOPICS)) * 3:  # 240 results: one miss moves recall by 0.004
         query = _near(centers[topic], 0.3)
         got = [r.id for r in scope.similar_chunks(query, k=10)]
         want = _exact(chunks["a"], query, 10)
