@@ -37,7 +37,10 @@ another, a superuser URL), one migrated database (signed context, as shipped), t
 * **Tenant sizes**: ``small`` = a sample of the 200-chunk tenants (the query's tenant rotates
   over the sample); ``large`` = the 100,000-chunk tenant, measured twice: before and after
   ``rtv_db.search_index.index_tenant(admin_url, tenant)`` (its per-tenant HNSW index; build time
-  and size reported), when that module exists; a new ``Database`` after the index.
+  and size reported), when that module exists; a new ``Database`` after the index. After the
+  index, also rtv-db alone (the other variants' index walks evict its pages from shared_buffers
+  when interleaved), and the tenant's index walked directly at ``hnsw.ef_search`` 40 to 1000
+  (admin, psycopg, interleaved): recall and latency per candidate-list size.
 * **EXPLAIN (ANALYZE, COSTS OFF)** of one search per variant and size: the SQL rtv-db sent is
   captured from its engine and explained inside a scoped transaction as the runtime role.
 
@@ -331,7 +334,7 @@ PLAIN_SQL = text(f"SELECT id, knowledge_base_id, content, metadata, embedding <=
 class Variants:
     """The searches over one list of queries; each keeps the ids it returned per query."""
 
-    def __init__(self, server: BenchServer, ds: Dataset, queries: list[Query], *, plain: bool = True) -> None:
+    def __init__(self, server: BenchServer, ds: Dataset, queries: list[Query], names: tuple[str, ...]) -> None:
         from rtv_db import Database, with_tenant_scope
 
         self.queries = queries
@@ -341,7 +344,6 @@ class Variants:
         event.listen(self.db.engine, "before_cursor_execute", self._capture)
         self.hnsw = psycopg.connect(to_libpq_url(server.url_for(ds.name)))
         self.exact = psycopg.connect(to_libpq_url(server.url_for(ds.name)), autocommit=True)
-        self.got: dict[str, dict[int, list[uuid.UUID]]] = {"rtvdb": {}, "pgvector_hnsw": {}, "exact_scan": {}}
         n = len(queries)
 
         def rtvdb(i: int) -> None:
@@ -367,10 +369,9 @@ class Variants:
                 rows = tx.connection.execute(PLAIN_SQL, {"q": _literal(q.values), "tenant": q.tenant.id}).all()
             self.got["rtvdb_plain_sql"][i % n] = [r.id for r in rows]
 
-        self.fns: dict[str, Callable[[int], None]] = {"rtvdb": rtvdb, "pgvector_hnsw": hnsw, "exact_scan": exact}
-        if plain:
-            self.got["rtvdb_plain_sql"] = {}
-            self.fns["rtvdb_plain_sql"] = plain_sql
+        every = {"rtvdb": rtvdb, "pgvector_hnsw": hnsw, "exact_scan": exact, "rtvdb_plain_sql": plain_sql}
+        self.fns: dict[str, Callable[[int], None]] = {name: every[name] for name in names}
+        self.got: dict[str, dict[int, list[uuid.UUID]]] = {name: {} for name in names}
 
     def _capture(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
         if "<=>" in statement:  # with the transaction settings rtv-db sent with it (set_config ..., true)
@@ -394,11 +395,13 @@ class Variants:
             cur.execute("EXPLAIN (ANALYZE, COSTS OFF) " + statement, params)
             out["rtvdb"] = [r[0] for r in cur.fetchall()]
         params = {"q": _literal(q.values), "t": q.tenant.id}
-        with self.hnsw.transaction():
-            self.hnsw.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            out["pgvector_hnsw"] = [r[0] for r in self.hnsw.execute("EXPLAIN (ANALYZE, COSTS OFF) " + HNSW_SQL, params)]
-        self.hnsw.commit()
-        out["exact_scan"] = [r[0] for r in self.exact.execute("EXPLAIN (ANALYZE, COSTS OFF) " + EXACT_SQL, params)]
+        if "pgvector_hnsw" in self.fns:
+            with self.hnsw.transaction():
+                self.hnsw.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                out["pgvector_hnsw"] = [r[0] for r in self.hnsw.execute("EXPLAIN (ANALYZE, COSTS OFF) " + HNSW_SQL, params)]
+            self.hnsw.commit()
+        if "exact_scan" in self.fns:
+            out["exact_scan"] = [r[0] for r in self.exact.execute("EXPLAIN (ANALYZE, COSTS OFF) " + EXACT_SQL, params)]
         if "rtvdb_plain_sql" in self.fns:
             with with_tenant_scope(self.db, q.tenant.id).scoped_transaction() as tx:
                 out["rtvdb_plain_sql"] = [r[0] for r in tx.connection.execute(
@@ -411,12 +414,15 @@ class Variants:
         self.db.close()
 
 
+ALL_VARIANTS = ("rtvdb", "pgvector_hnsw", "exact_scan", "rtvdb_plain_sql")
+
+
 def measure(server: BenchServer, ds: Dataset, queries: list[Query], rounds: int, batch: int, warmup: int,
-            *, plain: bool = True) -> dict[str, Any]:
-    v = Variants(server, ds, queries, plain=plain)
+            names: tuple[str, ...] = ALL_VARIANTS) -> dict[str, Any]:
+    v = Variants(server, ds, queries, names)
     try:
         t0 = time.perf_counter()
-        stats = interleave(v.fns, rounds=rounds, batch=batch, warmup=warmup, baseline="exact_scan")
+        stats = interleave(v.fns, rounds=rounds, batch=batch, warmup=warmup, baseline="exact_scan" if "exact_scan" in names else None)
         seconds = time.perf_counter() - t0
         quality_ = quality(queries, v.got)
         plans = v.explain()
@@ -574,7 +580,12 @@ def run(sizes: Sizes, database_url: str | None, say: Callable[[str], None], prog
                 say(f"  the large tenant's index walked directly at hnsw.ef_search {', '.join(map(str, EF_VALUES))}: interleaved")
                 res["ef_sweep"] = ef_sweep(server, ds, key, large_q, sizes.large_rounds, sizes.large_batch, sizes.warmup)
             res["measurements"]["large_after_index"] = measure(server, ds, large_q, sizes.large_rounds, sizes.large_batch,
-                                                               sizes.warmup, plain=False)  # exact either way: measured before
+                                                               sizes.warmup, ALL_VARIANTS[:3])  # plain SQL: exact, measured before
+            # The index (about 200 MB at full size) and the baseline's (about 600 MB) do not both fit
+            # in shared_buffers (128 MB here): interleaved, the walks evict each other's pages.
+            say("large tenant, after its index: rtv-db alone")
+            res["measurements"]["large_after_index_alone"] = measure(server, ds, large_q, sizes.large_rounds, sizes.large_batch,
+                                                                     sizes.warmup, ("rtvdb",))
         else:
             say("  rtv_db.search_index not available: skipped")
         res["seconds"] = round(time.perf_counter() - started, 1)
@@ -600,6 +611,7 @@ _MEASUREMENTS = {
     "small": "{small_chunks:,}-chunk tenants ({sample} sampled)",
     "large_before_index": "{large_chunks:,}-chunk tenant, before its per-tenant index",
     "large_after_index": "{large_chunks:,}-chunk tenant, after `index_tenant`",
+    "large_after_index_alone": "{large_chunks:,}-chunk tenant, after `index_tenant`, rtv-db alone (no other variant between its batches)",
 }
 
 
@@ -659,7 +671,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for name, v in meas["variants"].items():
             rc = v["recall_at_10"]
-            lines.append(f"| {_LABELS[name]} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['x_exact_scan_p50']:.2f} | "
+            lines.append(f"| {_LABELS[name]} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {_fmt(v['x_exact_scan_p50'], 2)} | "
                          f"{rc['all']:.4f} | {_fmt(rc['own_topic'])} | {_fmt(rc['foreign_topic'])} | {v['min_recall']:.1f} | "
                          f"{v['fewer_than_k']} | {v['other_tenants_chunks']} | {_excess(v)} | {_scan_nodes(meas['plans'][name])} |")
         lines.append("")
@@ -712,7 +724,8 @@ def _targets(r: dict[str, Any]) -> list[str]:
     1.0 up to 10,000 chunks, >= 0.98 above."""
     sz, meas = r["sizes"], r["measurements"]
     rows = []
-    for key, limit in (("small", 5.0), ("large_before_index", 10.0), ("large_after_index", 10.0)):
+    for key, limit in (("small", 5.0), ("large_before_index", 10.0), ("large_after_index", 10.0),
+                       ("large_after_index_alone", 10.0)):
         if key not in meas:
             continue
         v = meas[key]["variants"]["rtvdb"]
@@ -729,8 +742,8 @@ def _excess(v: dict[str, Any]) -> str:
     return " / ".join("-" if e[k] is None else f"{100 * e[k]:.2f} %" for k in ("own_topic", "foreign_topic"))
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _table(r: dict[str, Any]) -> str:
