@@ -103,7 +103,7 @@ def runtime_role_settings(
 
 
 # Role settings accepted besides the installed ones, with the only value allowed: `rtv-db migrate`
-# sets this one on a Citus coordinator (see citus.py).
+# sets this one on a Citus coordinator (see citus/apply.py).
 OPTIONAL_ROLE_SETTINGS = {"citus.propagate_set_commands": "local"}
 _SHOWN_VALUE = 60  # characters of a setting's value quoted in messages (the value is anyone's text)
 

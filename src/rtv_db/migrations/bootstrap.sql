@@ -76,7 +76,7 @@ BEGIN
 END
 $log_parameters$;
 -- On a Citus coordinator the runtime role also needs citus.propagate_set_commands = 'local' (the
--- SET LOCAL tenant context reaches the workers; see citus.py). Put back here, after RESET ALL,
+-- SET LOCAL tenant context reaches the workers; see citus/apply.py). Put back here, after RESET ALL,
 -- so that the role is never without it between this transaction and the distribution step.
 DO $citus$
 BEGIN
