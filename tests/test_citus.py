@@ -66,6 +66,8 @@ def test_plan_of_the_migrated_schema(admin_sa: Connection) -> None:
     assert plan.schema == "public"
     assert not plan.citus
     assert plan.problems == ()
+    # rtv's search-key trigger (revision 0007, created off Citus only) is dropped, not refused.
+    assert plan.search_key_triggers == (("knowledge_chunks", "assign_search_key"),)
     assert [t.name for t in plan.reference_tables] == ["clients"]
     dist = [t.name for t in plan.distributed_tables]
     assert set(dist) == DISTRIBUTED_TABLES

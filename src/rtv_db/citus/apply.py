@@ -108,6 +108,18 @@ def apply_audit_triggers(conn: Connection, plan: DistributionPlan) -> list[str]:
     return done
 
 
+def drop_search_key_triggers(conn: Connection, plan: DistributionPlan) -> list[str]:
+    """Drop rtv's search-key triggers (revision 0007), and retire the per-tenant search indexes:
+    without the trigger new rows would miss their tenant's key, and its searches those rows."""
+    done = []
+    for table, trigger in plan.search_key_triggers:
+        conn.exec_driver_sql(f"DROP TRIGGER {_ident(trigger)} ON {_qualified(plan.schema, table)}")
+        done.append(f"{table}: search-key trigger {trigger} dropped (searches on Citus are exact within the shard)")
+    if done:
+        conn.exec_driver_sql("UPDATE rtv_secret.search_indexes SET state = 'dropped', changed_at = now()")
+    return done
+
+
 _AUDIT_INSERT = "INSERT INTO public.audit_events"
 
 
@@ -213,7 +225,8 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
     # One connection per worker for everything below: distributing tables that reference a
     # reference table, and distributing functions, inside one transaction need it.
     conn.exec_driver_sql("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
-    if allow_triggers or any(t.kind != "drop" for t in plan.audit_triggers) or plan.pending_audit_triggers:
+    if (allow_triggers or any(t.kind != "drop" for t in plan.audit_triggers) or plan.pending_audit_triggers
+            or plan.search_key_triggers):
         # Citus refuses to distribute a table with triggers, and trigger DDL on Citus tables,
         # unless this is on. For this transaction only: it is not needed to run the triggers,
         # and it stays off for everything else (a foreign trigger is still refused).
@@ -221,6 +234,7 @@ def apply_distribution(conn: Connection, plan: DistributionPlan, *, runtime_role
     actions += apply_policy_rewrites(conn, plan)
     actions += _apply_audit_guard(conn, plan)
     actions += apply_audit_triggers(conn, plan)
+    actions += drop_search_key_triggers(conn, plan)
     # Before the functions are distributed, so that the workers get the plain readers.
     actions += apply_context_readers(conn, plan)
     actions += _apply_citus_to_uuid(conn)

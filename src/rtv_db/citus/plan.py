@@ -37,6 +37,9 @@ _FUNCTION_SCHEMA = "rtv"
 # rtv-db's own audit trigger function (migration 0003), recognised by its qualified name; any
 # other trigger stays a problem. It reads the logical table name from its second argument.
 AUDIT_TRIGGER_FUNCTION = "rtv.audit_row_change"
+# rtv-db's search-key trigger (revision 0007, per-tenant search indexes): Citus does not run it
+# (migrate never creates it on Citus), so a schema that has it is distributed without it.
+SEARCH_KEY_TRIGGER_FUNCTION = "rtv.assign_search_key"
 _AUDIT_NAME_ARGUMENT = "COALESCE(TG_ARGV[1], TG_TABLE_NAME)"  # what 0003's function records
 # The Citus form of the audit function: on a reference table's placement, write the event only on
 # the node that holds the tenant's audit_events shard (the one insert Citus runs locally there);
@@ -135,6 +138,9 @@ class DistributionPlan:
     context_readers: tuple[str, ...] = ()
     # The audit function lacks AUDIT_REFERENCE_GUARD while a reference table has the trigger.
     audit_guard: bool = False
+    # (table, trigger) of rtv's search-key triggers, which the distribution drops: on Citus every
+    # search is exact within the tenant's shard (docs/search.md).
+    search_key_triggers: tuple[tuple[str, str], ...] = ()
 
     @property
     def reference_tables(self) -> list[PlannedTable]:
@@ -455,6 +461,7 @@ def plan_distribution(
             problems.append(f"{table}: policy {policy} has a subquery Citus refuses and rtv-db cannot rewrite ({exc})")
 
     audit: list[AuditTrigger] = []
+    search_key: list[tuple[str, str]] = []
     for table, trigger, function, nargs, raw_args, definition in conn.execute(_TRIGGERS_SQL, {"schema": schema}):
         if table not in oid_of:
             continue
@@ -469,6 +476,8 @@ def plan_distribution(
                 if args != item.wanted_args:
                     item = AuditTrigger(table, trigger, "relabel", args, definition, reference=True)
             audit.append(item)
+        elif function == SEARCH_KEY_TRIGGER_FUNCTION:
+            search_key.append((table, trigger))
         elif not allow_triggers and state.get(oid_of[table], ("local",))[0] == "local":
             problems.append(
                 f"{table}: trigger {trigger} (Citus runs triggers on the shards only with"
@@ -523,4 +532,5 @@ def plan_distribution(
         problems.append("the distributed tenant tables are in different colocation groups: "
                         + ", ".join(f"{t.name}={t.colocation_id}" for t in done_dist))
     return DistributionPlan(schema, tuple(planned), tuple(rewrites), tuple(functions), tuple(problems), citus,
-                            tuple(audit), database_context_mode(conn), _signed_readers(conn), audit_guard)
+                            tuple(audit), database_context_mode(conn), _signed_readers(conn), audit_guard,
+                            tuple(search_key))
