@@ -739,7 +739,8 @@ def _targets(r: dict[str, Any]) -> list[str]:
 
 def _excess(v: dict[str, Any]) -> str:
     e = v["distance_excess"]
-    return " / ".join("-" if e[k] is None else f"{100 * e[k]:.2f} %" for k in ("own_topic", "foreign_topic"))
+    # never negative but for float rounding (the exact top 10 has the least mean distance)
+    return " / ".join("-" if e[k] is None else f"{max(0.0, 100 * e[k]):.2f} %" for k in ("own_topic", "foreign_topic"))
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -762,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks, or build/bench-smoke with --smoke)")
     p.add_argument("--database-url", default=None, help="a superuser URL of a server to use instead of a throw-away embedded one")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", type=Path, default=None, help="only write search.md again from a run's search.json")
     p.add_argument("--small-tenants", type=int, default=None, help="override the number of small tenants")
     p.add_argument("--large-chunks", type=int, default=None, help="override the large tenant's chunk count")
     args = p.parse_args(argv)
@@ -772,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         sizes = replace(sizes, name=sizes.name + "-custom", **overrides)
     out = args.out or (Path("build/bench-smoke") if args.smoke else Path("docs/benchmarks"))
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        (out / "search.md").write_text(markdown(res, res["command"]) + "\n")
+        return 0
     command = "PYTHONPATH=src:. .venv/bin/python -m bench.search" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     res = run(sizes, args.database_url, say, progress=not args.no_progress)
     res["command"] = command
