@@ -7,7 +7,7 @@ never one of B's, and its plan walks no index that holds B's vectors.
 
 from __future__ import annotations
 
-import math
+import functools
 import random
 import uuid
 
@@ -17,27 +17,18 @@ from sqlalchemy import text
 from rtv_db import AsyncDatabase, InvalidInputError, with_tenant_scope
 from rtv_db.schema import knowledge_bases, knowledge_chunks
 from rtv_db.schema.models import EMBEDDING_DIM
+from tests.vectors import cosine, near, unit
 
 RNG = random.Random(14)
 
 
-def _unit(v: list[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in v))
-    return [x / norm for x in v]
-
-
-def _near(center: list[float], spread: float) -> list[float]:
-    return _unit([c + RNG.gauss(0, spread) for c in center])
-
-
-def _cosine(a: list[float], b: list[float]) -> float:
-    return 1 - sum(x * y for x, y in zip(a, b, strict=True))
+_near = functools.partial(near, RNG)
 
 
 @pytest.fixture()
 def corpus(system, tenants):
     """60 chunks for A around one topic, 60 for B right around the query; one knowledge base each."""
-    topic = _unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)])
+    topic = unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)])
     query = _near(topic, 0.3)
     kbs = {t: uuid.uuid4() for t in (tenants.a, tenants.b)}
     chunks: dict[uuid.UUID, list[tuple[uuid.UUID, list[float]]]] = {tenants.a: [], tenants.b: []}
@@ -58,11 +49,11 @@ def corpus(system, tenants):
 def test_results_are_the_exact_in_tenant_nearest(db, tenants, corpus):
     query, kbs, chunks = corpus
     results = with_tenant_scope(db, tenants.a).similar_chunks(query, k=10)
-    expected = sorted(chunks[tenants.a], key=lambda c: _cosine(c[1], query))[:10]
+    expected = sorted(chunks[tenants.a], key=lambda c: cosine(c[1], query))[:10]
     assert [r.id for r in results] == [c[0] for c in expected]  # recall@10 = 1.0, in order
     assert all(r.embedding is None for r in results)
     for r, (_, emb) in zip(results, expected, strict=True):
-        assert r.distance == pytest.approx(_cosine(emb, query), abs=1e-5)
+        assert r.distance == pytest.approx(cosine(emb, query), abs=1e-5)
     # B's chunks are all nearer to the query, and none comes back
     b_ids = {c[0] for c in chunks[tenants.b]}
     assert not b_ids & {r.id for r in with_tenant_scope(db, tenants.a).similar_chunks(query, k=100)}
@@ -129,5 +120,5 @@ async def test_the_async_twin(target, tenants, corpus):
         results = await with_tenant_scope(adb, tenants.a).similar_chunks(query, k=10)
     finally:
         await adb.close()
-    expected = sorted(chunks[tenants.a], key=lambda c: _cosine(c[1], query))[:10]
+    expected = sorted(chunks[tenants.a], key=lambda c: cosine(c[1], query))[:10]
     assert [r.id for r in results] == [c[0] for c in expected]

@@ -11,7 +11,7 @@ not a tenant.
 
 from __future__ import annotations
 
-import math
+import functools
 import random
 import uuid
 
@@ -25,22 +25,13 @@ from rtv_db.schema import knowledge_bases, knowledge_chunks
 from rtv_db.schema.models import EMBEDDING_DIM
 from rtv_db.search_index import drop_tenant_index, index_large_tenants, index_tenant, tenant_indexes
 from rtv_db.tenant.search import search_keys, similar_chunks_statement
+from tests.vectors import cosine, near, unit
 
 RNG = random.Random(1414)
 TOPICS = 8
 
 
-def _unit(v: list[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in v))
-    return [x / norm for x in v]
-
-
-def _near(center: list[float], spread: float) -> list[float]:
-    return _unit([c + RNG.gauss(0, spread) for c in center])
-
-
-def _cosine(a: list[float], b: list[float]) -> float:
-    return 1 - sum(x * y for x, y in zip(a, b, strict=True))
+_near = functools.partial(near, RNG)
 
 
 def _load(system, tenant: uuid.UUID, kb: uuid.UUID, centers: list[list[float]], n: int, spread: float):
@@ -55,7 +46,7 @@ def _load(system, tenant: uuid.UUID, kb: uuid.UUID, centers: list[list[float]], 
 def large(system, tenants):
     """A: 3,000 chunks over 8 topics in two knowledge bases; B: 300 chunks around A's topics."""
     RNG.seed(1414)  # the same data whichever tests ran before
-    centers = [_unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)]) for _ in range(TOPICS)]
+    centers = [unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)]) for _ in range(TOPICS)]
     kbs = {tenants.a: (uuid.uuid4(), uuid.uuid4()), tenants.b: (uuid.uuid4(),)}
     with system.transaction() as conn:
         for tenant, ids in kbs.items():
@@ -68,7 +59,7 @@ def large(system, tenants):
 
 
 def _exact(chunks, query, k):
-    return [cid for _, cid in sorted((_cosine(e, query), cid) for cid, e in chunks)[:k]]
+    return [cid for _, cid in sorted((cosine(e, query), cid) for cid, e in chunks)[:k]]
 
 
 def _plan(scope, query, *, k=10, key=None, knowledge_base_id=None) -> str:
