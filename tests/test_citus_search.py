@@ -14,6 +14,7 @@ CITUS_URL.
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from collections.abc import Iterator
@@ -29,9 +30,10 @@ from rtv_db.schema import clients, knowledge_bases, knowledge_chunks
 from rtv_db.schema.models import EMBEDDING_DIM
 from rtv_db.targets import Target
 from test_citus import citus_target, needs_citus, unsigned_env  # noqa: F401 (fixtures)
-from test_search import RNG, _cosine, _near, _unit
+from tests.vectors import cosine, near, unit
 
 pytestmark = [needs_citus, pytest.mark.citus, pytest.mark.usefixtures("unsigned_env")]
+RNG = random.Random(145)
 PER_TENANT = 60
 
 
@@ -46,7 +48,7 @@ class Corpus:
     shards: dict[uuid.UUID, int]  # knowledge_chunks shard id of each tenant
 
     def expected(self, tenant: uuid.UUID, k: int) -> list[uuid.UUID]:
-        return [cid for cid, _ in sorted(self.chunks[tenant], key=lambda c: _cosine(c[1], self.query))[:k]]
+        return [cid for cid, _ in sorted(self.chunks[tenant], key=lambda c: cosine(c[1], self.query))[:k]]
 
 
 def _shards(admin_url: str, tenants: list[uuid.UUID]) -> list[int]:
@@ -63,8 +65,8 @@ def corpus(citus_target: Target) -> Iterator[Corpus]:
     shard_a, *others = _shards(admin, [a, *candidates])
     b = next(t for t, s in zip(candidates, others) if s == shard_a)
     c = next(t for t, s in zip(candidates, others) if s != shard_a)
-    topic = _unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)])
-    query = _near(topic, 0.3)
+    topic = unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)])
+    query = near(RNG, topic, 0.3)
     kbs = {t: uuid.uuid4() for t in (a, b, c)}
     chunks: dict[uuid.UUID, list[tuple[uuid.UUID, list[float]]]] = {}
     system = SystemScope(citus_target.system_url, reason="citus search tests")  # type: ignore[arg-type]
@@ -75,7 +77,7 @@ def corpus(citus_target: Target) -> Iterator[Corpus]:
             conn.execute(knowledge_bases.insert(), [{"client_id": t, "id": kb, "name": "kb"} for t, kb in kbs.items()])
             rows = []
             for tenant, center, spread in ((a, topic, 0.6), (b, query, 0.05), (c, query, 0.05)):
-                chunks[tenant] = [(uuid.uuid4(), _near(center, spread)) for _ in range(PER_TENANT)]
+                chunks[tenant] = [(uuid.uuid4(), near(RNG, center, spread)) for _ in range(PER_TENANT)]
                 rows += [{"client_id": tenant, "id": cid, "knowledge_base_id": kbs[tenant], "content": f"c{i}",
                           "embedding": emb} for i, (cid, emb) in enumerate(chunks[tenant])]
             conn.execute(knowledge_chunks.insert(), rows)
@@ -103,7 +105,7 @@ def test_results_are_the_exact_in_tenant_nearest(db: Database, corpus: Corpus) -
     assert [r.id for r in results] == corpus.expected(corpus.a, 10)  # recall@10 = 1.0, in order
     by_id = dict(corpus.chunks[corpus.a])
     for r in results:
-        assert r.distance == pytest.approx(_cosine(by_id[r.id], corpus.query), abs=1e-5)
+        assert r.distance == pytest.approx(cosine(by_id[r.id], corpus.query), abs=1e-5)
     # Every chunk of B (same shard) and C (another shard) is nearer to the query than A's: none comes back.
     everything = {r.id for r in scope.similar_chunks(corpus.query, k=1000)}
     assert everything == set(by_id)
