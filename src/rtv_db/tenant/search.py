@@ -5,9 +5,9 @@ distance, nearest first. No index that holds another tenant's vectors is ever wa
 0007 dropped the HNSW index over every tenant: a filtered walk of it reports how many candidates
 it threw away, which maps where other tenants' vectors lie). Two plans:
 
-* **Exact** (every tenant, by default): the tenant's chunks, through the ``client_id`` index under
-  RLS, are gathered in a ``MATERIALIZED`` CTE and ranked there. Recall is 1.0; the cost grows with
-  the tenant's chunk count.
+* **Exact** (every tenant, by default): the tenant's chunks (``client_id = :tenant``, under RLS)
+  ranked by a top-N sort on a distance no vector index can order by, so no index walk is ever
+  chosen. Recall is 1.0; the cost grows with the tenant's chunk count.
 * **The tenant's own HNSW index** (cosine), once ``rtv-db search index`` built it
   (rtv_db.search_index): a partial index on the tenant's opaque ``search_key``, walked with
   ``hnsw.ef_search`` set for the transaction to at least ``k`` and iterative scan on, so a filter
@@ -64,7 +64,13 @@ class SimilarChunk:
     embedding: list[float] | None = None
 
 
+class _VectorLiteral(str):
+    """An embedding already checked and written as pgvector's text form."""
+
+
 def _vector_literal(embedding: Sequence[float]) -> str:
+    if isinstance(embedding, _VectorLiteral):
+        return embedding
     if isinstance(embedding, (str, bytes)) or not isinstance(embedding, Sequence):
         raise InvalidInputError("embedding must be a sequence of numbers")
     if len(embedding) != EMBEDDING_DIM:
@@ -76,7 +82,7 @@ def _vector_literal(embedding: Sequence[float]) -> str:
         if not math.isfinite(value):
             raise InvalidInputError("embedding values must be finite (no NaN or infinity)")
         values.append(repr(float(value)))
-    return "[" + ",".join(values) + "]"
+    return _VectorLiteral("[" + ",".join(values) + "]")
 
 
 def similar_chunks_statement(
@@ -137,18 +143,20 @@ def similar_chunks_statement(
         settings = (("hnsw.ef_search", str(max(k, EF_SEARCH))), ("hnsw.iterative_scan", "relaxed_order"),
                     ("enable_sort", "off"))
         return text(sql), params, settings
+    # "+ 0": an ORDER BY that no vector index can serve, so this plan never walks one, whatever
+    # indexes exist (one over several tenants' vectors, which verify reports as
+    # VECTOR_INDEX_SHARED, or another tenant's own); the k nearest are kept by a top-N sort over
+    # the tenant's rows. (Until revision 0007 a MATERIALIZED CTE did this; it carried every
+    # column of every row of the tenant, and spilled to disk for a large one.)
     sql = f"""
-        WITH mine AS MATERIALIZED (
-            SELECT id, knowledge_base_id, content, metadata, embedding
+        SELECT * FROM (
+            SELECT {columns}(embedding {operator} CAST(:q AS vector)) + 0 AS distance
             FROM knowledge_chunks
             WHERE client_id = :tenant{kb_filter} AND embedding IS NOT NULL
-        ), ranked AS (
-            SELECT {columns}embedding {operator} CAST(:q AS vector) AS distance
-            FROM mine
-        )
-        SELECT * FROM ranked{distance_filter}
+            ORDER BY distance, id
+            LIMIT :k
+        ) nearest{distance_filter}
         ORDER BY distance, id
-        LIMIT :k
     """
     return text(sql), params, ()
 
@@ -189,8 +197,9 @@ class SearchPlan:
     the tenant's key says it has an index: the sync and async callers share it."""
 
     def __init__(self, context: TenantContext, embedding: Sequence[float], k: int, **options: Any) -> None:
-        self.context, self.embedding, self.k, self.options = context, embedding, k, options
+        self.context, self.k, self.options = context, k, options
         self.statement, self.params, self.settings = similar_chunks_statement(context, embedding, k, **options)
+        self.embedding = self.params["q"]  # checked and written once
         self.indexed = False  # walking the tenant's own index
 
     def needs_key(self, engine: Any) -> bool:
