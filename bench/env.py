@@ -43,7 +43,10 @@ class Dataset:
 class BenchServer:
     """Where the benchmark runs: its own embedded server, or the server of an admin URL."""
 
-    def __init__(self, database_url: str | None = None, *, progress: bool = True) -> None:
+    def __init__(self, database_url: str | None = None, *, progress: bool = True,
+                 server_settings: dict[str, str] | None = None) -> None:
+        """``server_settings``: for the embedded server only, set with ``ALTER SYSTEM`` and the
+        server restarted (e.g. ``{"shared_buffers": "1GB"}``); a given URL's server is used as it is."""
         self.progress = progress
         if not os.environ.get("RTV_DB_CONTEXT_KEY") and not os.environ.get("RTV_DB_CONTEXT_KEY_FILE"):
             # The signing key of this run: `migrate` installs it, the engines and the hand-written
@@ -63,6 +66,12 @@ class BenchServer:
             self._server = EmbeddedServer(self._tmp, database="postgres")
             self.settings = Settings(data_dir=self._tmp)
             self.admin_url = to_sqlalchemy_url(self._server.start())
+            if server_settings:
+                with self.admin() as conn:
+                    for name, value in server_settings.items():
+                        conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+                self._server.stop()
+                self.admin_url = to_sqlalchemy_url(self._server.start())
 
     def url_for(self, database: str) -> str:
         return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
