@@ -717,7 +717,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
         if not name.startswith("knowledge_chunks_search_"):
             lines.append(f"| `{name}` (rtv-db's schema, built during the COPY) | {load['chunks']:,} | {_mb(n)} | - |")
     lines += ["", f"Tables: `knowledge_chunks` {_mb(load['table_bytes'])}, baseline copies {_mb(b['hnsw_chunks']['table_bytes'])} each. "
-              f"HNSW builds with `maintenance_work_mem = 2GB` in the building session; query settings: "
+              f"The baseline HNSW is built with `maintenance_work_mem = 2GB` in its session (the per-tenant index: `index_tenant`'s "
+              f"own `maintenance_work_mem`); query settings: "
               + ", ".join(f"`{k} = {v}`" for k, v in b["hnsw_settings"].items()) + ".", ""]
     if ti:
         lines += [f"Per-tenant index: `{ti.get('definition')}`; `index_tenant` returned `{json.dumps(ti['info'], default=str)}`.", ""]
