@@ -49,9 +49,10 @@ __all__ = [
 
 DEFAULT_MIN_CHUNKS: Final = 10_000
 # The HNSW graph's build effort (pgvector's default is 64). On the bench corpus, 100,000 chunks of
-# clustered 384-dimension embeddings, 200 took recall@10 from 0.941 to 0.981 at ef_search 400 for
-# a build of 86 s instead of 49 s, on the same 195 MB (docs/benchmarks/search.md); a larger m
-# (24 to 64) cost more to build and search for little more recall.
+# clustered 384-dimension embeddings, 200 at m 16 took recall@10 over 1,000 queries from 0.913
+# (ef_construction 64, ef_search 200) to 0.964-0.971 at ef_search 400, for a build of 77-86 s
+# instead of 44 s, on the same 195 MB. m 48 with ef_search 600 reached 0.983-0.984, but built in
+# 159-206 s into 260 MB and searched at 11-13 ms p50 (docs/benchmarks/search.md, the sweep).
 EF_CONSTRUCTION: Final = 200
 # How long index_tenant waits for transactions that began before the tenant got its key.
 _WAIT_SECONDS: Final = 120.0

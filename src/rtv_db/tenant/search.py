@@ -45,13 +45,12 @@ _OPERATORS: Final = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
 # The metric the per-tenant indexes serve (vector_cosine_ops); the others are always exact.
 INDEXED_METRIC: Final = "cosine"
 # hnsw.ef_search of a search on a tenant's own index: the candidate list, at least k (pgvector's
-# ceiling is 1000, MAX_K). On the bench corpus (100,000 chunks, index built with
-# ef_construction 200) recall@10 was 0.974 at 200, 0.981 at 400 and 0.984 at 600, with p50
-# 6.6, 7.4 and 8.8 ms through similar_chunks, over the bench's 100 queries (over 1,000 more:
-# 0.949, 0.964, 0.976; a query near a topic the tenant has no chunks on is the hard case:
-# docs/benchmarks/search.md); on 3,000 chunks of
-# gaussian clusters (tests/test_search_index.py) 0.67 at pgvector's default of 40, 0.95 at 100,
-# 0.996 at 200 and 1.0 at 400.
+# ceiling is 1000, MAX_K). On the bench corpus (100,000 chunks, m 16, ef_construction 200),
+# walking the index directly: recall@10 0.965 at 200, 0.975 at 400, 0.979 at 800 and 0.987 at
+# 1000, at p50 5.1, 6.1, 7.5 and 8.8 ms; through similar_chunks at 400, 8.5 ms p50 (the full run
+# of docs/benchmarks/search.md). The recall lost is on queries near topics the tenant has no
+# chunks on; near its own topics it is 1.0. On 3,000 chunks of gaussian clusters
+# (tests/test_search_index.py): 0.67 at pgvector's default of 40, 0.95 at 100, 0.996 at 200.
 EF_SEARCH: Final = 400
 SEARCH_KEY_TTL: Final = 30.0
 
