@@ -25,6 +25,7 @@ from rtv_db.schema import knowledge_bases, knowledge_chunks
 from rtv_db.schema.models import EMBEDDING_DIM
 from rtv_db.search_index import drop_tenant_index, index_large_tenants, index_tenant, tenant_indexes
 from rtv_db.tenant.search import search_keys, similar_chunks_statement
+from tests.test_pgbouncer import bouncers  # noqa: F401 - the PgBouncer fixture (skips when unavailable)
 from tests.vectors import cosine, near, unit
 
 RNG = random.Random(1414)
@@ -300,3 +301,55 @@ async def test_the_async_twins_use_the_index_too(target, db, tenants, large):
         assert [m.id for m, _ in pairs] == got
     finally:
         await adb.close()
+
+
+# -- SQL injected in one tenant's transaction, then another tenant's search on the same backend ----
+
+_PLANTS = ("SELECT set_config('hnsw.ef_search', '1', false)", "SELECT set_config('hnsw.max_scan_tuples', '1', false)",
+           "SELECT set_config('hnsw.iterative_scan', 'off', false)", "SELECT set_config('enable_indexscan', 'off', false)")
+
+
+def _one_backend_db(request, target):
+    """The runtime role's pool of one connection, straight to the server or through PgBouncer in
+    transaction mode with a pool of one backend: every transaction below runs on one backend."""
+    from rtv_db import Database, EngineOptions
+
+    options = EngineOptions(pool_size=1, max_overflow=0, pool_timeout=10)
+    if request.param == "direct":
+        return Database(target.runtime_url, options=options)
+    bouncers = request.getfixturevalue("bouncers")
+    return Database(bouncers.get("transaction", default_pool_size=1).url(target.runtime_url), options=options)
+
+
+@pytest.fixture(params=["direct", "pgbouncer-transaction"])
+def one_backend(request, target):
+    db = _one_backend_db(request, target)
+    yield db
+    db.close()
+
+
+def test_settings_planted_by_one_tenant_do_not_reach_anothers_search(one_backend, target, tenants, large):
+    centers, _, _ = large
+    index = _index(target, tenants.a)                       # A, the victim, searches its own index
+    query = _near(centers[2], 0.3)
+    victim, attacker = with_tenant_scope(one_backend, tenants.a), with_tenant_scope(one_backend, tenants.b)
+    before = [r.id for r in victim.similar_chunks(query, k=20)]
+    assert len(before) == 20
+    # What the planted settings do to A's walk if they reach it (here set in A's own transaction,
+    # as they would be with no clean session): fewer than k rows.
+    stmt, params, _ = similar_chunks_statement(victim.context, query, 20, knowledge_base_id=None, metric="cosine",
+                                               max_distance=None, with_embedding=False, search_key=index.search_key)
+    with victim.scoped_transaction() as tx:
+        for plant in _PLANTS[:3]:
+            tx.connection.execute(text(plant.replace("false)", "true)")))
+        tx.connection.execute(text("SELECT set_config('enable_sort', 'off', true)"))
+        assert len(tx.connection.execute(stmt, params).fetchall()) < 20
+    with attacker.scoped_transaction() as tx:               # B's injected SQL plants session state
+        pid = tx.connection.execute(text("SELECT pg_backend_pid()")).scalar()
+        for plant in _PLANTS:
+            tx.connection.execute(text(plant))
+        assert tx.connection.execute(text("SHOW hnsw.ef_search")).scalar() == "1"
+    got = [r.id for r in victim.similar_chunks(query, k=20)]  # A's next transaction, same backend
+    with victim.scoped_transaction() as tx:
+        assert tx.connection.execute(text("SELECT pg_backend_pid()")).scalar() == pid
+    assert got == before
