@@ -317,8 +317,8 @@ def _one_backend_db(request, target):
     options = EngineOptions(pool_size=1, max_overflow=0, pool_timeout=10)
     if request.param == "direct":
         return Database(target.runtime_url, options=options)
-    bouncers = request.getfixturevalue("bouncers")
-    return Database(bouncers.get("transaction", default_pool_size=1).url(target.runtime_url), options=options)
+    pooler = request.getfixturevalue("bouncers")
+    return Database(pooler.get("transaction", default_pool_size=1).url(target.runtime_url), options=options)
 
 
 @pytest.fixture(params=["direct", "pgbouncer-transaction"])
