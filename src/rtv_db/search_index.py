@@ -119,6 +119,10 @@ def _index_size(conn: psycopg.Connection, name: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+def _drop_index(admin: psycopg.Connection, name: str) -> None:
+    admin.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+
+
 def _chunks(system: psycopg.Connection, tenant: uuid.UUID) -> int:
     row = system.execute("SELECT count(*) FROM public.knowledge_chunks WHERE client_id = %s", (tenant,)).fetchone()
     return int(row[0]) if row else 0
@@ -210,10 +214,10 @@ def index_tenant(target: Target | str, tenant_id: uuid.UUID | str, *, settings: 
         _as_owner(admin, settings)
         existing = admin.execute("SELECT search_key, state FROM rtv_secret.search_indexes WHERE tenant_id = %s",
                                  (tenant,)).fetchone()
-        if existing and existing[1] == "ready" and _index_size(admin, index_name(existing[0])) is not None:
+        if existing and existing[1] == "ready":
             key = int(existing[0])
-            return TenantSearchIndex(tenant, key, index_name(key), "ready", _chunks(system, tenant),
-                                     _index_size(admin, index_name(key)))
+            if (size := _index_size(admin, index_name(key))) is not None:
+                return TenantSearchIndex(tenant, key, index_name(key), "ready", chunks, size)
         started = time.perf_counter()
         key = _claim_key(admin, tenant)
         name = index_name(key)
@@ -223,7 +227,7 @@ def index_tenant(target: Target | str, tenant_id: uuid.UUID | str, *, settings: 
         _as_owner(admin, settings)
         _backfill(system, tenant, key)
         # An index left invalid by an interrupted build is dropped first.
-        admin.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+        _drop_index(admin, name)
         admin.execute("SELECT set_config('maintenance_work_mem', %s, false)", (maintenance_work_mem,))
         try:
             admin.execute(sql.SQL(
@@ -231,7 +235,7 @@ def index_tenant(target: Target | str, tenant_id: uuid.UUID | str, *, settings: 
                 "WITH (m = {}, ef_construction = {}) WHERE search_key = {}"
             ).format(sql.Identifier(name), sql.Literal(m), sql.Literal(ef_construction), sql.Literal(key)))
         except psycopg.Error as exc:
-            admin.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+            _drop_index(admin, name)
             raise SearchIndexError(f"building {name} failed: {exc.diag.message_primary or exc}") from None
         # Rows committed while the index was built by transactions the wait let through already
         # have the key; this second pass is a cheap check that no row was left without it.
@@ -255,7 +259,7 @@ def drop_tenant_index(target: Target | str, tenant_id: uuid.UUID | str, *,
         key = int(row[0])
         # Searches stop using it first, then it goes (a search planned before may still walk it).
         _state(admin, tenant, "dropped")
-        admin.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index_name(key))))
+        _drop_index(admin, index_name(key))
         return TenantSearchIndex(tenant, key, index_name(key), "dropped", _chunks(system, tenant), None)
 
 
