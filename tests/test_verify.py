@@ -21,6 +21,7 @@ from rtv_db.config import runtime_role_settings
 from rtv_db.verify import CHECKS, Finding, VerifyConfig, register_check, verify
 
 ALL_CODES = {
+    "FUNCTION_ALTERED", "FUNCTION_MISSING", "FUNCTION_UNEXPECTED",
     "RLS_NOT_ENABLED", "RLS_NOT_FORCED", "POLICY_MISSING", "POLICY_ALWAYS_TRUE", "POLICY_PER_ROW_CONTEXT",
     "ROLE_MISSING", "ROLE_SUPERUSER", "ROLE_BYPASSRLS", "ROLE_OWNS_TABLE", "ROLE_TRUNCATE", "ROLE_CAN_CREATE",
     "ROLE_CAN_CREATE_TEMP", "ROLE_MEMBER_OF_PRIVILEGED", "KEY_WITHOUT_TENANT", "FK_NOT_TENANT_COMPOSITE",
@@ -463,8 +464,9 @@ PLANTED = {
         "CREATE OR REPLACE FUNCTION rtv.current_tenant_id() RETURNS uuid LANGUAGE sql STABLE SECURITY DEFINER"
         " SET search_path = pg_catalog, pg_temp"
         " AS $$ SELECT NULLIF(current_setting('app.current_tenant_id', true), '')::uuid $$",
-        {"READER_NOT_SIGNED"}),
-    "reader made SECURITY INVOKER": ("ALTER FUNCTION rtv.current_lane() SECURITY INVOKER", {"READER_NOT_SIGNED"}),
+        {"READER_NOT_SIGNED", "FUNCTION_ALTERED"}),
+    "reader made SECURITY INVOKER": ("ALTER FUNCTION rtv.current_lane() SECURITY INVOKER",
+                                     {"READER_NOT_SIGNED", "FUNCTION_ALTERED"}),
     # triggers and rules that copy rows
     "copying trigger": (
         "CREATE TABLE public.loot (x jsonb); GRANT SELECT ON public.loot TO rtv_app;"

@@ -317,12 +317,14 @@ def verify_command(ctx: click.Context, database_url: str | None, as_json: bool, 
     """Lint a live database's tenant isolation. Exit 0: clean, 1: findings, 2: could not check."""
     import psycopg
 
-    from .verify import findings_to_json, render_report, verify
+    from .verify import VerifyConfig, findings_to_json, render_report, verify
 
     try:
         target = target_for(database_url, ctx.obj["data_dir"])
         url = target.admin_url or target.runtime_url
-        findings = verify(url, runtime_role=runtime_role or target.settings.runtime_role, schema=schema)
+        settings = target.settings
+        findings = verify(url, config=VerifyConfig(runtime_role=runtime_role or settings.runtime_role, schema=schema,
+                                                   owner_role=settings.owner_role, system_role=settings.system_role))
     except (RtvDbError, psycopg.Error) as exc:
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
         sys.exit(2)

@@ -56,6 +56,7 @@ from .search import (  # noqa: I001
     check_search_keys,
     check_vector_indexes,
 )
+from .functions import check_function_definitions  # noqa: I001
 from .report import (  # noqa: I001
     findings_to_json,
     render_report,
@@ -76,6 +77,7 @@ __all__ = [
     "TenantTable",
     "tenant_tables",
     "check_context_mode",
+    "check_function_definitions",
     "check_search_keys",
     "check_vector_indexes",
     "check_keys",

@@ -34,6 +34,9 @@ class VerifyConfig:
 
     runtime_role: str = "rtv_app"
     schema: str = "public"
+    # The other two roles `rtv-db migrate` creates (function owners and bodies name them).
+    owner_role: str = "rtv_owner"
+    system_role: str = "rtv_system"
     tenant_column: str = "client_id"
     tenant_root: str = "clients"
     # SQL functions that read the tenant context; a policy should call them once per statement.
