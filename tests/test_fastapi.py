@@ -96,6 +96,12 @@ async def test_example_app_two_tenants_concurrently(example_server, db, tenants)
         ids = await asyncio.gather(*[jobs[j] for pair in zip(range(25), range(25, 50)) for j in pair])
         a_ids, b_ids = ids[0::2], ids[1::2]
 
+        # A tenant header sent twice (a gateway that appends its value after the client's): refused,
+        # not resolved to the first copy, which the client chose (issue 24).
+        twice = await client.get("/brand-kits", headers=[("X-Tenant-Id", str(tenants.b)), ("X-Tenant-Id", str(tenants.a))])
+        assert twice.status_code == 422 and twice.json()["error"] == "InvalidInputError", twice.text
+        assert "Brand B" not in twice.text
+
         # Another tenant's row by id answers exactly like a random id: 404, the same body.
         other = await client.get(f"/brand-kits/{b_ids[0]}", headers=ha)
         random = await client.get(f"/brand-kits/{uuid.uuid4()}", headers=ha)

@@ -80,14 +80,23 @@ def header_tenant(name: str = "X-Tenant-Id", *, user_header: str | None = None) 
     """The tenant id from a request header (and the user id from ``user_header``).
 
     Only as trustworthy as what sets the header: an API gateway that authenticates the caller
-    and *overwrites* it. Exposed to clients directly, any caller can name any tenant.
+    and *overwrites* it. Exposed to clients directly, any caller can name any tenant. A header
+    sent more than once is refused (:class:`~rtv_db.InvalidInputError`, 422): a gateway that
+    appends its value instead of overwriting would otherwise let the client's copy, sent first,
+    win.
     """
 
+    def single(request: Request, header: str) -> str | None:
+        values = request.headers.getlist(header)
+        if len(values) > 1:
+            raise InvalidInputError(f"header {header} was sent {len(values)} times; send it once")
+        return values[0] if values else None
+
     def resolve(request: Request) -> TenantContext | None:
-        value = request.headers.get(name)
+        value = single(request, name)
         if value is None:
             return None
-        user = request.headers.get(user_header) if user_header else None
+        user = single(request, user_header) if user_header else None
         return TenantContext(value, user_id=user, correlation_id=_correlation(request))
 
     return resolve
