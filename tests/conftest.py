@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from rtv_db import Database, SystemScope, migrate
+from rtv_db import Database, EngineOptions, SystemScope, migrate, with_tenant_scope
 from rtv_db.config import Settings, to_libpq_url, to_sqlalchemy_url
 from rtv_db.schema import brand_kits, clients
 from rtv_db.server import EmbeddedServer
@@ -199,3 +200,36 @@ def tenants(system: SystemScope) -> Tenants:
     """The spec's setup: Client A and Client B, each with one brand kit."""
     a, b = make_tenants(system, "A", "B")
     return Tenants(a, b)
+
+
+# -- shared by the attack tests --------------------------------------------------------------------
+
+
+def one_backend(url: str, **options: Any) -> Database:
+    """A pool of one connection: every transaction on it runs on one backend, as an attacker's
+    and a victim's do in production."""
+    return Database(url, options=EngineOptions(pool_size=1, max_overflow=0, **options))
+
+
+def attack(db: Database, tenant: uuid.UUID, *statements: str) -> list[Any]:
+    """SQL injected into one of ``tenant``'s requests: run inside its transaction, on its connection."""
+    results = []
+    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
+        for statement in statements:
+            result = tx.connection.exec_driver_sql(statement)
+            results.append(result.fetchall() if result.returns_rows else None)
+    return results
+
+
+@pytest.fixture(scope="session")
+def bouncers(cluster: Cluster) -> Iterator[Any]:
+    """PgBouncer instances in front of the test server (tests/pgbouncer.py), installed if missing."""
+    from pgbouncer import Bouncers, PgBouncerUnavailable, backend_of, ensure_pgbouncer
+
+    try:
+        binary = ensure_pgbouncer()
+    except PgBouncerUnavailable as exc:
+        pytest.skip(f"PgBouncer unavailable: {exc}")
+    running = Bouncers(binary, backend_of(cluster.admin_url))
+    yield running
+    running.stop_all()

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from conftest import make_tenants
 from reliability_checks import (
@@ -187,16 +187,28 @@ def _use_then_kill_the_backend(db: Database, tenant, admin_conn) -> Any:
     return scope
 
 
+def _kill_at_next_checkout(db: Database, admin_conn) -> None:
+    """Kill the backend of the next connection checked out, after rtv-db's own checkout checks (which
+    replace one that already ended while idle, issue 24): the call then meets the dead backend."""
+    @event.listens_for(db.engine, "checkout", once=True)
+    def _kill(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        _terminate(admin_conn, dbapi_connection.info.backend_pid)  # waits until it has exited
+
+
 def test_backend_killed_moments_after_use_fails_one_call(target, system, five, admin_conn) -> None:
-    """Within the idle window there is no ping (no round trip per checkout): the one call that meets
-    the dead backend fails with the connection invalidated, and the next one works."""
+    """Within the idle window there is no ping (no round trip per checkout). A backend that ended
+    while idle is replaced at checkout all the same (its socket shows the end, issue 24); one that
+    ends after checkout fails the one call that meets it, with the connection invalidated, and the
+    next one works."""
     db = Database(target.runtime_url, options=EngineOptions(pool_size=1, max_overflow=0, pre_ping_after_idle=60))
     try:
         scope = _use_then_kill_the_backend(db, five[0], admin_conn)
+        expected = len(scope.scoped_query(knowledge_bases))  # replaced at checkout: the caller never noticed
+        _kill_at_next_checkout(db, admin_conn)
         with pytest.raises(sqlalchemy.exc.OperationalError) as info:
             scope.scoped_query(knowledge_bases)
         assert info.value.connection_invalidated
-        assert len(scope.scoped_query(knowledge_bases)) == len(with_tenant_scope(db, five[0]).scoped_query(knowledge_bases))
+        assert len(scope.scoped_query(knowledge_bases)) == expected
     finally:
         db.close()
 
@@ -226,7 +238,9 @@ def test_backend_killed_without_pre_ping(target, system, five, admin_conn) -> No
     """
     db = Database(target.runtime_url, options=EngineOptions(pool_pre_ping=False, pool_size=1, max_overflow=0))
     try:
-        scope = _use_then_kill_the_backend(db, five[0], admin_conn)
+        scope = with_tenant_scope(db, five[0])
+        scope.scoped_query(knowledge_bases)
+        _kill_at_next_checkout(db, admin_conn)  # (one killed while idle is replaced at checkout, issue 24)
         before = table_counts(system)
         with pytest.raises(sqlalchemy.exc.OperationalError) as info:
             scope.scoped_insert(knowledge_bases, {"name": "never"})

@@ -27,7 +27,6 @@ from rtv_db import AsyncDatabase, Database, EngineOptions, brand_kits, with_tena
 from rtv_db.config import to_libpq_url
 from rtv_db.errors import DatabaseConnectionError, TenantContextRefusedError
 from tests.conftest import make_tenants
-from tests.pgbouncer import Bouncers, PgBouncerUnavailable, backend_of, ensure_pgbouncer
 
 MODES = ("session", "transaction")
 POOL = 4  # PgBouncer's default_pool_size (tests/pgbouncer.py)
@@ -36,17 +35,6 @@ WORKERS = 8
 TRANSACTIONS_PER_WORKER = 60  # 8 x 60 = 480 transactions over 6 tenants
 WRITE_EVERY = 3  # every third transaction also writes a row and reads it back
 GIVE_UP_AFTER = 40  # errors: a broken setup fails fast instead of running every transaction
-
-
-@pytest.fixture(scope="session")
-def bouncers(cluster):
-    try:
-        binary = ensure_pgbouncer()
-    except PgBouncerUnavailable as exc:
-        pytest.skip(f"PgBouncer unavailable: {exc}")
-    running = Bouncers(binary, backend_of(cluster.admin_url))
-    yield running
-    running.stop_all()
 
 
 @pytest.fixture(params=MODES)

@@ -21,24 +21,20 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from rtv_db import Database, EngineOptions, brand_kits, migrate, with_tenant_scope
+from rtv_db import Database, brand_kits, migrate, with_tenant_scope
 from rtv_db.audit import read_audit_trail
 from rtv_db.config import to_libpq_url
 from rtv_db.signing import load_keys, mint_token
 from rtv_db.targets import Target
 from rtv_db.tenant import _transaction
 
-from conftest import Cluster, Tenants, migrated_database
-
-
-def _one_backend(url: str, **options: Any) -> Database:
-    return Database(url, options=EngineOptions(pool_size=1, max_overflow=0, **options))
+from conftest import Cluster, Tenants, attack, migrated_database, one_backend
 
 
 @pytest.fixture()
 def shared(target: Target) -> Iterator[Database]:
     """The runtime role's pool of one connection: every transaction below runs on one backend."""
-    db = _one_backend(target.runtime_url)
+    db = one_backend(target.runtime_url)
     yield db
     db.close()
 
@@ -57,16 +53,6 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 
     monkeypatch.setattr(_transaction.ContextSetter, "statement", recording)
     return minted
-
-
-def _attack(db: Database, tenant: uuid.UUID, *statements: str) -> list[Any]:
-    """SQL injected into one of ``tenant``'s requests: run inside its transaction, on its connection."""
-    results = []
-    with with_tenant_scope(db, tenant).scoped_transaction() as tx:
-        for statement in statements:
-            result = tx.connection.exec_driver_sql(statement)
-            results.append(result.fetchall() if result.returns_rows else None)
-    return results
 
 
 # -- the old behaviour (revision 0004), driven as rtv-db drove it ----------------------------------
@@ -172,7 +158,7 @@ def test_rtv_db_prepares_nothing_on_the_server(shared, tenants):
 def warm(request: pytest.FixtureRequest, target: Target, tenants: Tenants) -> Iterator[Database]:
     """A one-connection pool on which B has run enough reads for psycopg to prepare them (when
     a threshold is set: then statements are prepared, but live for one transaction only)."""
-    db = _one_backend(target.runtime_url, prepare_threshold=request.param)
+    db = one_backend(target.runtime_url, prepare_threshold=request.param)
     for _ in range(6):
         with_tenant_scope(db, tenants.b).scoped_query(brand_kits)
     yield db
@@ -181,7 +167,7 @@ def warm(request: pytest.FixtureRequest, target: Target, tenants: Tenants) -> It
 
 def _plant(db: Database, tenant: uuid.UUID, body: str) -> None:
     """A's injected SQL takes every name psycopg could use next for a statement of its own."""
-    _attack(db, tenant, "DEALLOCATE ALL", *(f"PREPARE _pg3_{i} AS {body}" for i in range(40)))
+    attack(db, tenant, "DEALLOCATE ALL", *(f"PREPARE _pg3_{i} AS {body}" for i in range(40)))
 
 
 def test_a_planted_prepared_statement_never_runs_in_the_next_transaction(warm, tenants):
@@ -219,17 +205,17 @@ _PLANTED = {
 def test_a_planted_setting_is_gone_in_the_next_transaction(shared, tenants, name):
     plant, show, default = _PLANTED[name]
     if name == "hnsw.ef_search":
-        _attack(shared, tenants.a, "SELECT '[1,2,3]'::vector <-> '[1,2,3]'::vector")  # loads pgvector's settings
-    before = _attack(shared, tenants.a, plant, show)[1][0][0]
+        attack(shared, tenants.a, "SELECT '[1,2,3]'::vector <-> '[1,2,3]'::vector")  # loads pgvector's settings
+    before = attack(shared, tenants.a, plant, show)[1][0][0]
     assert before != default  # the plant took, for the rest of A's session...
-    after = _attack(shared, tenants.b, show)[0][0][0]
+    after = attack(shared, tenants.b, show)[0][0][0]
     assert (after or "") == default, (name, after)  # ...and B's transaction starts clean
-    effective = _attack(shared, tenants.b, "SHOW transaction_read_only", "SHOW transaction_isolation")
+    effective = attack(shared, tenants.b, "SHOW transaction_read_only", "SHOW transaction_isolation")
     assert [r[0][0] for r in effective] == ["off", "read committed"]  # BEGIN names both
 
 
 def test_a_planted_one_millisecond_statement_timeout_does_not_cancel_the_next_tenant(shared, tenants):
-    _attack(shared, tenants.a, "SET statement_timeout = 1")
+    attack(shared, tenants.a, "SET statement_timeout = 1")
     scope = with_tenant_scope(shared, tenants.b)
     for _ in range(50):
         with scope.scoped_transaction() as tx:
@@ -237,16 +223,16 @@ def test_a_planted_one_millisecond_statement_timeout_does_not_cancel_the_next_te
 
 
 def test_cursors_and_listens_do_not_survive(shared, tenants):
-    _attack(shared, tenants.a, "DECLARE loot CURSOR WITH HOLD FOR SELECT 1", "LISTEN loot")
-    assert _attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 1  # the plant took
+    attack(shared, tenants.a, "DECLARE loot CURSOR WITH HOLD FOR SELECT 1", "LISTEN loot")
+    assert attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 1  # the plant took
     with with_tenant_scope(shared, tenants.b).scoped_transaction() as tx:
         assert tx.connection.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one() == 0
     # UNLISTEN, like LISTEN, takes effect at commit: from B's commit on, the channel is gone
-    assert _attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 0
+    assert attack(shared, tenants.a, "SELECT count(*) FROM pg_listening_channels()")[0][0][0] == 0
 
 
 def test_a_planted_session_does_not_reach_a_no_context_transaction(shared, tenants):
-    _attack(shared, tenants.a, "SET search_path = pg_catalog")
+    attack(shared, tenants.a, "SET search_path = pg_catalog")
     with shared.engine.connect() as conn:
         assert conn.execute(text("SHOW search_path")).scalar_one() == '"$user", public'
         assert conn.execute(text("SELECT count(*) FROM brand_kits")).scalar_one() == 0  # no context: no rows
@@ -271,7 +257,7 @@ def test_a_stolen_token_is_refused_in_any_other_transaction(target, shared, tena
     assert user_id is None
     # on the same backend (through the API's own connection) and on another one
     with pytest.raises(Exception, match="replayed: the token was already used"):
-        _attack(shared, tenants.a, "COMMIT", "BEGIN", replay)
+        attack(shared, tenants.a, "COMMIT", "BEGIN", replay)
     with psycopg.connect(to_libpq_url(target.runtime_url)) as other:
         with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification, match="replayed"):
             other.execute(replay)
@@ -281,7 +267,7 @@ def test_a_second_context_in_a_transaction_is_refused(shared, tenants):
     fresh = mint_token(load_keys()[-1], tenant_id=tenants.b, platform_account_id=None, lane="api",
                        expires_at=int(time.time()) + 60)
     with pytest.raises(Exception, match="already has a tenant context"):
-        _attack(shared, tenants.a, f"SELECT rtv.set_signed_context('{fresh}', NULL, NULL)")
+        attack(shared, tenants.a, f"SELECT rtv.set_signed_context('{fresh}', NULL, NULL)")
     # the fresh token was not spent by the refusal: B itself could still use it
     with psycopg.connect(to_libpq_url(shared.url.replace("postgresql+psycopg", "postgresql"))) as conn:
         conn.execute("SELECT rtv.set_signed_context(%s, NULL, NULL)", (fresh,))
@@ -333,7 +319,7 @@ def test_a_token_whose_transaction_rolled_back_cannot_be_replayed(target, shared
             thief.execute(_SETTER, tokens[-1])
     # an error inside the transaction (the server aborts it) ends the same way
     with pytest.raises(Exception, match="division by zero"):
-        _attack(shared, tenants.b, "SELECT 1/0")
+        attack(shared, tenants.b, "SELECT 1/0")
     with psycopg.connect(to_libpq_url(target.runtime_url)) as thief:
         with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification, match="replayed"):
             thief.execute(_SETTER, tokens[-1])

@@ -5,21 +5,43 @@ new physical connection is checked once: a superuser, a BYPASSRLS role, a role t
 table, or one that can become such a role, raises :class:`UnsafeRuntimeRoleError` before any
 query of the application runs. Every transaction on these engines carries the tenant context
 of the moment (see :mod:`rtv_db.tenant`), set in the same round trip as ``BEGIN``.
+
+The role's settings (``pg_db_role_setting``) must be exactly those ``rtv-db migrate`` installs.
+The runtime role may change its own (``ALTER ROLE current_user SET work_mem = '1GB'``, by SQL
+injected in any tenant's transaction), and every later session of the role starts with them. So
+the guard puts back what the runtime role itself may put back (``ALTER ROLE CURRENT_USER [IN
+DATABASE ...] RESET name`` or ``SET name = <installed value>``: the settings any role may set),
+logs a security WARNING on ``rtv_db.connection``, closes that connection (its session already
+started with the planted values) and opens another, which it checks again. Only what the runtime
+role cannot change (a superuser-only setting, an extension's custom setting, put there by an
+administrator) is refused, with :class:`RuntimeRoleSettingsError`, and nothing is changed then.
+Before issue 24 every difference was refused: one ``ALTER ROLE current_user SET ...`` by any
+tenant refused every new connection of every instance until someone ran ``rtv-db migrate``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import await_
 
-from .config import Settings, describe_target, diff_role_settings, runtime_role_settings_from_env, to_sqlalchemy_url
+from .config import (
+    RoleSettingsDiff,
+    Settings,
+    describe_target,
+    diff_role_settings,
+    runtime_role_settings_from_env,
+    to_sqlalchemy_url,
+)
 from .errors import DatabaseConnectionError, RuntimeRoleSettingsError, UnsafeRuntimeRoleError
 from .tenant._transaction import PROBE_OPTION
 
@@ -30,6 +52,7 @@ __all__ = [
     "ConnectionInfo",
     "EngineOptions",
     "check_runtime_role",
+    "repair_runtime_role",
     "get_database",
     "test_connection",
     "get_pool_stats",
@@ -141,56 +164,191 @@ SELECT r.rolname,
        (SELECT s.setconfig FROM pg_catalog.pg_db_role_setting s
          WHERE s.setrole = r.oid AND s.setdatabase = (SELECT d.oid FROM pg_catalog.pg_database d
                                                       WHERE d.datname = pg_catalog.current_database()))
-         AS database_settings
+         AS database_settings,
+       pg_catalog.current_database()
 FROM pg_catalog.pg_roles r
 WHERE r.rolname = current_user
 """
 
 _QUERY_CANCELED = "57014"
+_log = logging.getLogger("rtv_db.connection")
+
+
+def _driver_of(dbapi_connection: Any) -> Any:
+    """The psycopg connection (SQLAlchemy wraps the async one in an adapter)."""
+    return getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+
+
+def _timeouts_off(driver: Any) -> list[str]:
+    """First in the guard's transactions: what a planted role default could do to them. A 1 ms
+    transaction_timeout ends the session (armed at BEGIN: hence one pipeline, no client round trip
+    before it is switched off); a 1 ms statement_timeout cancels a catalog query."""
+    off = ["SET LOCAL statement_timeout = 10000", "SET LOCAL lock_timeout = 10000"]
+    return (["SET LOCAL transaction_timeout = 0"] if driver.info.server_version >= 170000 else []) + off
+
+
+def _in_one_round_trip(dbapi_connection: Any, statements: list[str]) -> list[Any]:
+    """``statements`` pipelined in autocommit (they carry their own BEGIN and end): the rows of each
+    (None for a command). Whatever fails, the connection is left idle, in its own autocommit mode."""
+    driver = _driver_of(dbapi_connection)
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        if isinstance(driver, psycopg.AsyncConnection):
+            return await_(_pipelined_async(driver, statements))  # type: ignore[no-any-return]
+        with driver.pipeline():
+            cursors = [driver.execute(sql, prepare=False) for sql in statements]
+        return [cur.fetchall() if cur.description else None for cur in cursors]
+    finally:
+        if not driver.closed and driver.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            _rollback_quietly(dbapi_connection)
+        if not driver.closed:
+            dbapi_connection.autocommit = autocommit
+
+
+async def _pipelined_async(driver: Any, statements: list[str]) -> list[Any]:
+    async with driver.pipeline():
+        cursors = [await driver.execute(sql, prepare=False) for sql in statements]
+    return [await cur.fetchall() if cur.description else None for cur in cursors]
+
+
+def _text(value: Any) -> Any:
+    """Text as text whatever the session's client_encoding (SQL_ASCII, planted as a role default,
+    makes psycopg return bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return value
 
 
 def _probe_role(dbapi_connection: Any) -> tuple[Any, ...]:
-    # A DBAPI connection (SQLAlchemy's adapter for async drivers): plain cursor calls, no `with`.
-    cur = dbapi_connection.cursor()
+    """The role's row of :data:`_ROLE_CHECK`, read in one round trip (and rolled back)."""
+    statements = ["BEGIN", *_timeouts_off(_driver_of(dbapi_connection)), _ROLE_CHECK, "ROLLBACK"]
     try:
-        cur.execute(_ROLE_CHECK)
-        row = cur.fetchone()
-    finally:
-        cur.close()
-    dbapi_connection.rollback()
-    return tuple(row)
+        rows = _in_one_round_trip(dbapi_connection, statements)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != _QUERY_CANCELED:
+            raise
+        # The role's own statement_timeout (say 1 ms, planted with ALTER ROLE) cancelled the first
+        # statements: look again with a sane one for the session (refused or repaired either way).
+        _in_one_round_trip(dbapi_connection, ["SET statement_timeout = 10000"])
+        rows = _in_one_round_trip(dbapi_connection, statements)
+    return tuple(_text(v) for v in rows[-2][0])
 
 
 def check_runtime_role(dbapi_connection: Any, expected_settings: Mapping[str, str] | None = None) -> None:
     """Raise :class:`UnsafeRuntimeRoleError` unless the connection's role is bound by RLS, and
     :class:`RuntimeRoleSettingsError` unless its settings are exactly what ``rtv-db migrate``
     installs (``expected_settings``; by default the timeouts of the environment, see
-    :func:`rtv_db.config.runtime_role_settings_from_env`).
+    :func:`rtv_db.config.runtime_role_settings_from_env`). The connection must be idle (no
+    transaction open); it is left so. Nothing is changed: :func:`repair_runtime_role` repairs.
 
-    One query, no extra round trip. ``ALTER ROLE current_user PASSWORD ...`` by the runtime role
-    cannot be seen here (nor prevented by PostgreSQL): new connections then fail to
-    authenticate, and ``rtv-db migrate`` sets the configured password again.
+    One round trip (the query pipelined with its transaction). ``ALTER ROLE current_user PASSWORD ...``
+    by the runtime role cannot be seen here (nor prevented by PostgreSQL): new connections then
+    fail to authenticate, and ``rtv-db migrate`` sets the configured password again.
     """
+    _refuse_unsafe(_probe_role(dbapi_connection), expected_settings)
+
+
+def repair_runtime_role(dbapi_connection: Any, expected_settings: Mapping[str, str] | None = None) -> list[str]:
+    """Put the connection's role's settings back to ``expected_settings`` where the role itself may.
+
+    Returns one phrase per setting put back (empty: nothing differed); the caller must not use this
+    connection's session after a repair (it started with the planted values). Raises
+    :class:`UnsafeRuntimeRoleError` for a role RLS would not bind, and
+    :class:`RuntimeRoleSettingsError`, changing nothing, when any difference is one the role may
+    not undo itself (then only ``rtv-db migrate`` can). Settings are compared as
+    :func:`check_runtime_role` compares them.
+    """
+    row = _probe_role(dbapi_connection)
+    _refuse_unsafe_role(row)
+    expected = runtime_role_settings_from_env() if expected_settings is None else expected_settings
+    diff = diff_role_settings(row[5], row[6], expected)
+    if not diff:
+        return []
+    # One transaction, as the role itself: all or nothing. READ WRITE whatever default was planted.
+    statements = ["BEGIN READ WRITE", *_timeouts_off(_driver_of(dbapi_connection)), *_repairs(diff, row[7]), "COMMIT"]
     try:
-        row = _probe_role(dbapi_connection)
+        _in_one_round_trip(dbapi_connection, statements)
     except Exception as exc:
-        if getattr(exc, "sqlstate", None) != _QUERY_CANCELED:
-            raise
-        # The role's own statement_timeout (say 1 ms, planted with ALTER ROLE) cancelled the probe:
-        # look again with a sane one to say why. The connection is refused either way.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RuntimeRoleSettingsError(
+            _settings_message(row[0], diff) + f" (the runtime role cannot put them back itself: {reason})") from exc
+    return diff.describe()
+
+
+def _repairs(diff: RoleSettingsDiff, database: str) -> list[str]:
+    """The ALTER ROLE statements that undo ``diff`` (names and values quoted, never interpolated raw)."""
+    here = f"IN DATABASE {_ident(database)} "
+    statements = [f"ALTER ROLE CURRENT_USER RESET {_ident(key)}" for key in diff.for_every_database]
+    statements += [f"ALTER ROLE CURRENT_USER {here}RESET {_ident(key)}" for key in diff.unexpected]
+    wanted = {key: want for key, (_, want) in diff.wrong.items()} | dict(diff.missing)
+    statements += [f"ALTER ROLE CURRENT_USER {here}SET {_ident(key)} = {_literal(value)}" for key, value in wanted.items()]
+    return statements
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _rollback_quietly(dbapi_connection: Any) -> None:
+    try:
         dbapi_connection.rollback()
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute("SET statement_timeout = 10000")
-        finally:
-            cur.close()
-        _refuse_unsafe(_probe_role(dbapi_connection), expected_settings)
+    except Exception:  # a lost connection: nothing to roll back
+        pass
+
+
+def _close_quietly(dbapi_connection: Any) -> None:
+    try:
+        dbapi_connection.close()
+    except Exception:
+        pass
+
+
+def connect_runtime_role(connect: Callable[[], Any], expected_settings: Mapping[str, str] | None = None) -> Any:
+    """A DBAPI connection from ``connect()`` whose role passed the guard, repairing its settings
+    (:func:`repair_runtime_role`) and connecting again when they had been changed."""
+    dbapi_connection = connect()
+    try:
+        repaired = repair_runtime_role(dbapi_connection, expected_settings)
+    except BaseException:
+        _close_quietly(dbapi_connection)
         raise
-    _refuse_unsafe(row, expected_settings)
+    if not repaired:
+        return dbapi_connection
+    _log.warning(
+        "rtv-db security: the runtime role's settings had been changed, by SQL on the runtime role (ALTER ROLE "
+        "current_user ...), or differ from this application's RTV_DB_STATEMENT_TIMEOUT_MS / "
+        "RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS; put back: %s. The connection that found them was closed. Find "
+        "out who changed them; backends a pooler opened meanwhile keep them until it closes them "
+        "(docs/pooling.md).", "; ".join(repaired))
+    _close_quietly(dbapi_connection)
+    dbapi_connection = connect()
+    try:
+        check_runtime_role(dbapi_connection, expected_settings)
+    except BaseException:
+        _close_quietly(dbapi_connection)
+        raise
+    return dbapi_connection
 
 
 def _refuse_unsafe(row: tuple[Any, ...], expected_settings: Mapping[str, str] | None) -> None:
-    name, is_super, bypass, owned, escalations, global_settings, database_settings = row
+    _refuse_unsafe_role(row)
+    name, global_settings, database_settings = row[0], row[5], row[6]
+    if expected_settings is None:
+        expected_settings = runtime_role_settings_from_env()
+    diff = diff_role_settings(global_settings, database_settings, expected_settings)
+    if diff:
+        raise RuntimeRoleSettingsError(_settings_message(name, diff))
+
+
+def _refuse_unsafe_role(row: tuple[Any, ...]) -> None:
+    name, is_super, bypass, owned, escalations = row[:5]
     problems = []
     if is_super:
         problems.append("is a superuser")
@@ -205,18 +363,17 @@ def _refuse_unsafe(row: tuple[Any, ...], expected_settings: Mapping[str, str] | 
             f"refusing to use role {name!r} for the application: it {', '.join(problems)}. "
             "Row-Level Security would not bind it. Connect as the runtime role (rtv_app) instead."
         )
-    if expected_settings is None:
-        expected_settings = runtime_role_settings_from_env()
-    diff = diff_role_settings(global_settings, database_settings, expected_settings)
-    if diff:
-        raise RuntimeRoleSettingsError(
-            f"refusing to use role {name!r} for the application: its settings are not the ones "
-            f"`rtv-db migrate` installs: {'; '.join(diff.describe())}. Every connection of every tenant "
-            "inherits a role's settings, and the runtime role can change its own (ALTER ROLE "
-            "current_user SET ...): run `rtv-db migrate` to put them back (with the application's "
-            "RTV_DB_STATEMENT_TIMEOUT_MS and RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS, if set), then "
-            "find out who changed them (`rtv-db verify` reports them too)."
-        )
+
+
+def _settings_message(name: str, diff: RoleSettingsDiff) -> str:
+    return (
+        f"refusing to use role {name!r} for the application: its settings are not the ones "
+        f"`rtv-db migrate` installs: {'; '.join(diff.describe())}. Every connection of every tenant "
+        "inherits a role's settings, and the runtime role can change its own (ALTER ROLE "
+        "current_user SET ...): run `rtv-db migrate` to put them back (with the application's "
+        "RTV_DB_STATEMENT_TIMEOUT_MS, RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS and RTV_DB_TEMP_FILE_LIMIT_KB, if set), then "
+        "find out who changed them (`rtv-db verify` reports them too)."
+    )
 
 
 def connect_error(url: str, exc: BaseException) -> DatabaseConnectionError:
@@ -235,9 +392,10 @@ def _install(engine: Engine, url: str, *, check_role: bool, context_key: Any = N
     from .tenant._transaction import install_context_hooks
 
     if check_role:
-        @event.listens_for(engine, "connect")
-        def _guard(dbapi_connection: Any, _record: Any) -> None:
-            check_runtime_role(dbapi_connection)
+        @event.listens_for(engine, "do_connect")
+        def _guard(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+            # Returning the connection makes SQLAlchemy use it (and skip its own connect).
+            return connect_runtime_role(lambda: dialect.connect(*cargs, **cparams))
 
     @event.listens_for(engine, "handle_error")
     def _connect_failed(context: Any) -> None:

@@ -5,15 +5,31 @@ pipeline mode so that they cost one network round trip as ``BEGIN`` alone would:
 
 1. ``BEGIN`` naming the isolation level and access mode (a session default planted by SQL on the
    connection cannot change them);
-2. ``SELECT rtv.clean_session()``: every setting back to the role's defaults, and no cursor,
-   prepared statement, LISTEN or sequence value left from an earlier transaction on the backend;
-3. the context: in signed mode (the default) ``rtv.set_signed_context(token, user_id,
+2. ``SET LOCAL transaction_timeout = 0`` (PostgreSQL 17 and later), ``SET LOCAL statement_timeout
+   = 0`` and ``SET LOCAL jit = off``: the server arms a statement's timeout when it starts the
+   statement, with the value in force then, and plans it with the JIT settings in force then, so
+   without these a timeout or JIT settings planted at session level by an earlier transaction
+   would cancel, end or slow the clean session below (issue 24: 100,000 placeholder settings and
+   ``statement_timeout = 1`` made every later start on the backend fail). Utility statements: no
+   planner, no JIT, a few microseconds each;
+3. ``SELECT rtv.clean_session()``: every setting back to the role's defaults (the timeouts of 2
+   included), and no cursor, prepared statement, LISTEN or sequence value left from an earlier
+   transaction on the backend; a session whose clean-up is slow is retired (revision 0008, and
+   :mod:`rtv_db._session_guard` closes it);
+4. the context: in signed mode (the default) ``rtv.set_signed_context(token, user_id,
    correlation_id)`` with a token minted for this one transaction (see :mod:`rtv_db.signing`);
    in unsigned mode (``RTV_DB_CONTEXT_MODE=unsigned``, debugging only)
    ``rtv.set_tenant_context(...)`` with the plain ids.
 
+A start that fails (anything but the caller's own statement or COMMIT: told apart by whether the
+start's last statement got its result, never by the error's type) rolls back, records the token as
+spent and discards the connection: a session that could not be cleaned is never reused. Before a
+start, the parameters the server reports to the driver are compared with those of the connection's
+first session (:mod:`rtv_db._session_guard`); a connection used for another transaction without
+going back to the pool gets them set back first, in one extra round trip only then.
+
 A scoped call in its own transaction (``scope.scoped_get(...)`` and the like: one statement,
-marked with :data:`SINGLE_STATEMENT_OPTION`) goes further: the three are held back and sent with
+marked with :data:`SINGLE_STATEMENT_OPTION`) goes further: these are held back and sent with
 the call's statement and ``COMMIT``, one pipeline, one round trip in all. A tenant ORM session's
 own transaction (:data:`DEFERRED_START_OPTION`) holds them back too and sends them with its
 first statement; its ``COMMIT`` follows as usual. Nothing runs in the transaction before them:
@@ -52,11 +68,13 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import await_
 
+from .._session_guard import REPORTED_PARAMETERS, SessionState, install_session_guard, session_state
 from ..errors import ConfigurationError, InvalidInputError, TenantContextRefusedError
 from .context import TenantContext, current_tenant_context
 
 __all__ = ["CONTEXT_OPTION", "PROBE_OPTION", "SINGLE_STATEMENT_OPTION", "DEFERRED_START_OPTION", "TRANSACTION_SETTINGS_OPTION",
-           "ALLOWED_TRANSACTION_SETTINGS", "transaction_settings", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter"]
+           "ALLOWED_TRANSACTION_SETTINGS", "transaction_settings", "remember_token", "SYSTEM", "install_context_hooks", "context_statement", "context_params", "ContextSetter",
+           "NEUTRALISE", "NEUTRALISE_PG17"]
 
 CONTEXT_OPTION: Final = "rtv_tenant_context"
 PROBE_OPTION: Final = "rtv_connection_probe"
@@ -245,6 +263,20 @@ _READ_ONLY: Final = "SET TRANSACTION READ ONLY"
 
 Statements = list[tuple[str, "tuple[Any, ...] | None"]]
 
+# First after BEGIN: whatever an earlier transaction planted at session level that could cancel,
+# end or slow the start before rtv.clean_session() resets it. Each timer is armed when the server
+# starts a statement (transaction_timeout at BEGIN), with the value in force then, and a statement
+# is planned with the JIT settings in force then. Utility statements: not planned, so not JIT-
+# compiled. transaction_timeout first (its timeout ends the session); its assign hook disarms the
+# running timer. (lock_timeout needs nothing: no lock is taken before RESET ALL resets it.)
+NEUTRALISE: Final[Statements] = [("SET LOCAL statement_timeout = 0", None), ("SET LOCAL jit = off", None)]
+NEUTRALISE_PG17: Final[Statements] = [("SET LOCAL transaction_timeout = 0", None), *NEUTRALISE]
+
+
+def _neutraliser(driver: Any) -> Statements:
+    """:data:`NEUTRALISE`, with ``transaction_timeout`` where the server has it (PostgreSQL 17+)."""
+    return NEUTRALISE_PG17 if driver.pgconn.server_version >= 170000 else NEUTRALISE
+
 
 def _begin_sql(driver: Any) -> str:
     """``BEGIN`` naming the isolation level and ``READ WRITE``: never the session's defaults.
@@ -265,6 +297,7 @@ def _statements_for(conn: Connection, driver: Any) -> Statements:
         # the rest: one round trip. (In psycopg's own transaction mode, its implicit BEGIN is
         # synced before anything pipelined after it: two round trips.)
         statements.append((_begin_sql(driver), None))
+    statements.extend(_neutraliser(driver))
     if conn.get_execution_options().get(PROBE_OPTION):
         return statements  # Database.test_connection(): reads server facts only, on any role
     statements.append((_CLEAN_SESSION, None))
@@ -316,17 +349,67 @@ def _wire_sql(sql: str) -> bytes:
     return wire
 
 
-def _queue(driver: Any, statements: Statements) -> bool:
-    """Queue ``statements`` on ``driver``'s open pipeline; False where psycopg has no such queues."""
+class _StartProbe:
+    """Whether a transaction's start succeeded: the result of its last statement arrived.
+
+    Queued where psycopg's pipeline expects the cursor of that statement (psycopg hands a cursor
+    its result through ``_check_results`` and ``_set_results``), it checks the result as psycopg
+    checks one of its own commands' and notes that it came. The pipeline stops at its first error,
+    so if the last statement of the start got its result, every statement of the start did, and a
+    failure after it belongs to the caller's statement or COMMIT. Where psycopg has no queues the
+    cursor ``execute`` returns for that statement stands in (its ``pgresult`` is set on success).
+    """
+
+    __slots__ = ("_arrived", "_encoding", "_cursor")
+
+    def __init__(self, encoding: str) -> None:
+        self._arrived = False
+        self._encoding = encoding
+        self._cursor: Any = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self._arrived or (self._cursor is not None and self._cursor.pgresult is not None)
+
+    def _check_results(self, results: list[Any]) -> None:
+        for result in results:
+            if result.status == _FATAL_ERROR:
+                raise psycopg.errors.error_from_result(result, encoding=self._encoding)
+            if result.status == _PIPELINE_ABORTED:
+                raise psycopg.errors.PipelineAborted("pipeline aborted")
+
+    def _set_results(self, _results: list[Any]) -> None:
+        self._arrived = True
+
+
+_FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
+_PIPELINE_ABORTED: Final = psycopg.pq.ExecStatus.PIPELINE_ABORTED
+
+
+def _queue(driver: Any, statements: Statements, probe: _StartProbe | None = None) -> bool:
+    """Queue ``statements`` on ``driver``'s open pipeline; False where psycopg has no such queues.
+
+    With ``probe``, the result of the last statement goes to it (see :class:`_StartProbe`).
+    """
     pipeline = driver._pipeline
     commands, results = getattr(pipeline, "command_queue", None), getattr(pipeline, "result_queue", None)
     if commands is None or results is None:
         return False
     send, encoding = driver.pgconn.send_query_params, driver.pgconn._encoding
+    # With nothing of psycopg's waiting to be sent before them, hand them to libpq now: it buffers
+    # them (pipeline mode) and they leave in one write with what follows. psycopg's queue would send
+    # one per turn of its loop, and a timeout planted at session level runs from BEGIN: no gap
+    # before the SET LOCALs that switch it off.
+    now = not commands
     for sql, params in statements:
         values = None if params is None else [None if v is None else str(v).encode(encoding) for v in params]
-        commands.append(functools.partial(send, _wire_sql(sql), values))
+        if now:
+            send(_wire_sql(sql), values)
+        else:
+            commands.append(functools.partial(send, _wire_sql(sql), values))
         results.append(None)  # no cursor: psycopg checks the result for an error only
+    if probe is not None and statements:
+        results[-1] = (probe, None)  # (cursor, prepare info): the last statement's result goes to the probe
     return True
 
 
@@ -348,6 +431,9 @@ async def _send_async(driver: psycopg.AsyncConnection[Any], statements: Statemen
 
 def _on_begin(conn: Connection) -> None:
     driver = conn.connection.driver_connection
+    state = session_state(conn.connection.info)
+    if state is not None and state.drift(driver.pgconn):
+        _restore_reported(conn, driver, state)
     statements = _statements_for(conn, driver)
     if not statements:
         return
@@ -363,6 +449,32 @@ def _on_begin(conn: Connection) -> None:
             conn.connection.info[_PENDING] = (statements, False)  # with the first statement
             return
     _start(conn, driver, statements)
+
+
+def _restore_reported(conn: Connection, driver: Any, state: SessionState) -> None:
+    """Put back, at session level, the parameters the driver adapts values by (``client_encoding``,
+    ``DateStyle``, ...), as the connection's first session reported them.
+
+    For a connection used for another transaction without going back to the pool (where the
+    session guard would have replaced it): psycopg takes the server's new values from its reports
+    at the end of this round trip, before anything of the transaction is encoded or decoded. The
+    ``RESET ALL`` of the clean session then changes none of them (they are the session's own
+    startup values). Anything that fails here fails the start, and the connection is discarded.
+    """
+    pairs = [(name.decode(), value.decode()) for name, value in zip(REPORTED_PARAMETERS, state.reported)
+             if value is not None]
+    sql = "SELECT " + ", ".join("pg_catalog.set_config(%s::text, %s::text, false)" for _ in pairs)
+    params = tuple(v for pair in pairs for v in pair)
+    try:
+        if isinstance(driver, psycopg.AsyncConnection):
+            await_(driver.execute(sql, params, prepare=False))
+        else:
+            driver.execute(sql, params, prepare=False)
+        if state.drift(driver.pgconn):
+            raise psycopg.InterfaceError("the server did not report the session's first parameters back: "
+                                         + "; ".join(state.drift(driver.pgconn)))
+    except psycopg.Error as exc:
+        _raise_start_error(conn, driver, [(sql, params)], _first_error(exc))
 
 
 def _start(conn: Connection, driver: Any, statements: Statements) -> None:
@@ -388,20 +500,34 @@ def _first_error(exc: psycopg.Error) -> psycopg.Error:
     return first if isinstance(first, psycopg.Error) else exc
 
 
-def _raise_start_error(conn: Connection, driver: Any, statements: Statements, exc: psycopg.Error) -> None:
+def _discard(conn: Connection, driver: Any, exc: psycopg.Error) -> bool:
+    """A transaction that could not start clean: roll it back, record its token as spent (when the
+    connection still answers), and take the connection out of the pool. True if it was lost."""
+    lost = conn.dialect.is_disconnect(exc, driver, None)
+    if not lost:
+        _on_rollback(conn)  # ROLLBACK and the spend in one round trip; failures are ignored
+    conn.invalidate(exc)
+    return bool(lost)
+
+
+def _raise_start_error(conn: Connection, driver: Any, statements: Statements, exc: psycopg.Error,
+                       shown: tuple[str, Any] | None = None) -> None:
+    """Raise what rtv-db reports for a start that failed, after discarding the connection.
+
+    ``shown``: the statement (and parameters, hidden) the error names; by default the start's last.
+    """
+    # Whatever failed, the connection leaves the pool: a session that could not be cleaned (a
+    # planted timeout that cancelled the clean-up, a backend that ended) is one nobody should reuse.
+    lost = _discard(conn, driver, exc)
     if isinstance(exc, psycopg.errors.InvalidAuthorizationSpecification):
         raise TenantContextRefusedError(str(exc).splitlines()[0]) from exc
     if isinstance(exc, psycopg.errors.UndefinedFunction) and "rtv." in str(exc):
-        conn.invalidate(exc)
         raise ConfigurationError(
             f"the database is not migrated for this version of rtv-db ({str(exc).splitlines()[0]}): run rtv-db migrate"
         ) from exc
     # Sent on the driver, outside SQLAlchemy's execute: translate the error as SQLAlchemy would
-    # (sqlalchemy.exc.OperationalError, ...). The connection leaves the pool: a transaction that
-    # could not start clean leaves a session nobody should reuse.
-    lost = conn.dialect.is_disconnect(exc, driver, None)
-    conn.invalidate(exc)
-    sql, params = statements[-1]
+    # (sqlalchemy.exc.OperationalError, ...).
+    sql, params = shown or statements[-1]
     raise DBAPIError.instance(  # hide_parameters: the token does not belong in error messages or logs
         sql, params, exc, psycopg.Error, hide_parameters=True, connection_invalidated=lost, dialect=conn.dialect
     ) from exc
@@ -425,12 +551,6 @@ def _take_pending(context: Any) -> tuple[Statements, bool] | None:
     return conn.connection.info.pop(_PENDING, None)  # type: ignore[no-any-return]
 
 
-def _is_start_error(exc: psycopg.Error) -> bool:
-    """Whether the pipeline failed in what starts the transaction, not in the caller's statement."""
-    return isinstance(exc, psycopg.errors.InvalidAuthorizationSpecification) or (
-        isinstance(exc, psycopg.errors.UndefinedFunction) and "rtv." in str(exc))
-
-
 def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
     """``do_execute``: the deferred start, the statement (and COMMIT) in one pipeline.
 
@@ -448,15 +568,16 @@ def _execute_with_begin(cursor: Any, statement: str, parameters: Any, context: A
     if getattr(cursor, "name", None) or getattr(cursor, "server_side", False):
         _start(conn, driver, pending)
         return None
+    probe = _StartProbe(driver.pgconn._encoding)
     try:
         if isinstance(driver, psycopg.AsyncConnection):
-            await_(_pipeline_async(driver, pending, cursor, statement, parameters, commit))
+            await_(_pipeline_async(driver, pending, cursor, statement, parameters, commit, probe))
         else:
-            _pipeline_sync(driver, pending, cursor, statement, parameters, commit)
+            _pipeline_sync(driver, pending, cursor, statement, parameters, commit, probe)
     except psycopg.Error as exc:
         first = _first_error(exc)
-        if _is_start_error(first):
-            _raise_start_error(conn, driver, pending, first)
+        if not probe.succeeded:  # the start failed (the statement never ran): not the caller's error
+            _raise_start_error(conn, driver, pending, first, shown=(statement, parameters))
         if first is not exc:
             raise first from None  # the statement's own error, not the COMMIT it aborted
         raise  # the statement's (or COMMIT's) own error: SQLAlchemy reports it as usual
@@ -476,13 +597,13 @@ def _execute_many_with_begin(cursor: Any, statement: str, parameters: Any, conte
 
 
 def _pipeline_sync(driver: psycopg.Connection[Any], pending: Statements, cursor: Any, statement: str, parameters: Any,
-                   commit: bool) -> None:
+                   commit: bool, probe: _StartProbe) -> None:
     _forget_prepared(driver)
     with driver.pipeline():
-        queued = _queue(driver, pending)
+        queued = _queue(driver, pending, probe)
         if not queued:
             for sql, params in pending:
-                driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+                probe._cursor = driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
         if parameters is None:
             cursor.execute(statement)
         else:
@@ -492,16 +613,16 @@ def _pipeline_sync(driver: psycopg.Connection[Any], pending: Statements, cursor:
 
 
 async def _pipeline_async(driver: psycopg.AsyncConnection[Any], pending: Statements, cursor: Any, statement: str,
-                          parameters: Any, commit: bool) -> None:
+                          parameters: Any, commit: bool, probe: _StartProbe) -> None:
     # ``cursor`` is SQLAlchemy's adapter around a psycopg AsyncCursor: it keeps the rows itself,
     # fetched at once (its own execute does the same after the statement).
     _forget_prepared(driver)
     raw = cursor._cursor
     async with driver.pipeline():
-        queued = _queue(driver, pending)
+        queued = _queue(driver, pending, probe)
         if not queued:
             for sql, params in pending:
-                await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+                probe._cursor = await driver.execute(sql, params, prepare=False)  # type: ignore[arg-type]
         await (raw.execute(statement) if parameters is None else raw.execute(statement, parameters))
         if commit and not (queued and _queue(driver, _COMMIT_ONLY)):
             await driver.execute(_COMMIT, prepare=False)
@@ -575,6 +696,7 @@ def install_context_hooks(engine: Engine, context_key: Any = None) -> None:
     """Make every transaction on ``engine`` start with the current tenant context."""
     _SETTERS[_root(engine)] = ContextSetter(context_key)
     event.listen(engine, "connect", _driver_autocommit)
+    install_session_guard(engine)  # no pooled connection whose session a transaction left unfit
     event.listen(engine, "set_connection_execution_options", _check_settings_option)
     event.listen(engine, "set_engine_execution_options", _check_settings_option)
     event.listen(engine, "begin", _on_begin)
