@@ -502,14 +502,26 @@ def _print_index(index: Any) -> None:
 @_fail_cleanly
 def search_index(ctx: click.Context, database_url: str | None, tenant_id: str | None, min_chunks: int | None) -> None:
     """Build a tenant's own index (no writer is blocked); its searches use it once it is ready."""
-    from .search_index import DEFAULT_MIN_CHUNKS, index_large_tenants, index_tenant
+    import contextlib
+
+    from .search_index import DEFAULT_MIN_CHUNKS, BuildProgress, index_large_tenants, index_tenant
 
     if tenant_id is None and min_chunks is None:
         raise click.UsageError("give --tenant, --min-chunks, or both")
     target = target_for(database_url, ctx.obj["data_dir"])
     minimum = min_chunks or DEFAULT_MIN_CHUNKS
-    built = ([index_tenant(target, tenant_id, min_chunks=minimum)] if tenant_id
-             else index_large_tenants(target, min_chunks=minimum))
+    # On a terminal, what the build is doing (waiting for older transactions, the phases of
+    # CREATE INDEX CONCURRENTLY with their counts): a large build takes minutes.
+    with contextlib.ExitStack() as stack:
+        status = stack.enter_context(err_console.status("starting", spinner="line")) if err_console.is_terminal else None
+
+        def show(step: BuildProgress) -> None:
+            if status is not None:
+                status.update(step.message)
+
+        progress = show if status is not None else None
+        built = ([index_tenant(target, tenant_id, min_chunks=minimum, progress=progress)] if tenant_id
+                 else index_large_tenants(target, min_chunks=minimum, progress=progress))
     for index in built:
         _print_index(index)
     if not built:
@@ -546,40 +558,99 @@ def search_drop(ctx: click.Context, database_url: str | None, tenant_id: str) ->
 # -- watchdog ----------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @database_url_option
 @click.option("--once", is_flag=True, help="One sweep, then exit (for cron or a test).")
 @click.option("--interval-ms", type=click.IntRange(min=1), default=None, help="Between sweeps (default 500).")
 @click.option("--max-lock-wait-ms", type=click.IntRange(min=1), default=None,
-              help="A backend waiting this long on a runtime-role lock ends the holder (default 5000).")
+              help="A wait this long on a runtime-role lock ends the holder, or a waiter of another tenant (default 5000).")
 @click.option("--max-transaction-ms", type=click.IntRange(min=1), default=None,
               help="No runtime-role transaction lives longer (default 300000).")
 @click.option("--grace-ms", type=click.IntRange(min=0), default=None,
               help="Added to the statement and idle-in-transaction timeouts (default 1000).")
+@click.option("--max-memory-mb", type=click.IntRange(min=0), default=None,
+              help="Private memory of a backend and its parallel workers (default 1024; 0: no rule). Needs the "
+                   "watchdog on the server's host.")
+@click.option("--max-locks", type=click.IntRange(min=0), default=None,
+              help="Shared lock table entries of a backend (default 4 x max_locks_per_transaction; 0: no rule).")
+@click.option("--quarantine-after", type=click.IntRange(min=0), default=None,
+              help="Counted terminations of one tenant that quarantine it (default 3; 0: never).")
+@click.option("--quarantine-window-ms", type=click.IntRange(min=1), default=None,
+              help="... within this window (default 3600000).")
 @click.pass_context
 @_fail_cleanly
 def watchdog(ctx: click.Context, database_url: str | None, once: bool, interval_ms: int | None,
-             max_lock_wait_ms: int | None, max_transaction_ms: int | None, grace_ms: int | None) -> None:
-    """End runtime-role transactions past the limits, even when they lifted their own timeouts."""
+             max_lock_wait_ms: int | None, max_transaction_ms: int | None, grace_ms: int | None,
+             max_memory_mb: int | None, max_locks: int | None, quarantine_after: int | None,
+             quarantine_window_ms: int | None) -> None:
+    """End runtime-role transactions past the limits, even when they lifted their own timeouts;
+    quarantine a tenant that keeps stalling (`quarantined`, `release`)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from .watchdog import WatchdogLimits, run_watchdog
 
     target = target_for(database_url, ctx.obj["data_dir"])
-    limits = WatchdogLimits.from_settings(target.settings, interval_ms=interval_ms, max_lock_wait_ms=max_lock_wait_ms,
-                                          max_transaction_ms=max_transaction_ms, grace_ms=grace_ms)
+    limits = WatchdogLimits.from_settings(
+        target.settings, interval_ms=interval_ms, max_lock_wait_ms=max_lock_wait_ms,
+        max_transaction_ms=max_transaction_ms, grace_ms=grace_ms, max_memory_mb=max_memory_mb, max_locks=max_locks,
+        quarantine_after=quarantine_after, quarantine_window_ms=quarantine_window_ms)
     console.print(f"rtv-db watchdog on {redact_url(target.require_admin())}: role {limits.runtime_role}, statement "
                   f"{limits.statement_ms}+{limits.grace_ms} ms, idle {limits.idle_in_transaction_ms}+{limits.grace_ms} ms, "
-                  f"lock wait {limits.max_lock_wait_ms} ms, transaction {limits.max_transaction_ms} ms, "
+                  f"lock wait {limits.max_lock_wait_ms} ms, transaction {limits.max_transaction_ms} ms, memory "
+                  f"{limits.max_memory_mb or 'no limit'} MB, locks {limits.max_locks if limits.max_locks is not None else 'auto'}, "
+                  f"quarantine after {limits.quarantine_after or 'never'} within {limits.quarantine_window_ms} ms, "
                   f"every {limits.interval_ms} ms", highlight=False)
 
     def report(item: Any) -> None:
-        console.print(f"terminated backend {item.pid} from {item.client} ({item.reason}: {item.detail})",
+        tenant = f"tenant {item.tenant}" if item.tenant else "no tenant mark"
+        console.print(f"terminated backend {item.pid} from {item.client} ({item.reason}: {item.detail}; {tenant})",
                       highlight=False)
+        if item.quarantined:
+            console.print(f"quarantined tenant {item.tenant}: its context is refused until "
+                          f"`rtv-db watchdog release {item.tenant}`", highlight=False)
+
+    def probed(found: Any) -> None:
+        console.print(f"watchdog sees: {found.describe()}", highlight=False)
 
     try:
-        for _ in run_watchdog(target.require_admin(), limits, iterations=1 if once else None, on_termination=report):
+        for _ in run_watchdog(target.require_admin(), limits, iterations=1 if once else None, on_termination=report,
+                              on_probe=probed):
             pass
     except KeyboardInterrupt:
         pass
+
+
+@watchdog.command("quarantined")
+@database_url_option
+@click.pass_context
+@_fail_cleanly
+def watchdog_quarantined(ctx: click.Context, database_url: str | None) -> None:
+    """List the tenants whose context is refused for repeated stalls."""
+    from .watchdog import connect_watchdog, quarantined_tenants
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    with connect_watchdog(target.require_admin()) as conn:
+        found = quarantined_tenants(conn)
+    if not found:
+        console.print("no tenant is quarantined", highlight=False)
+    for item in found:
+        console.print(f"{item.tenant_id}  since {item.since.isoformat(timespec='seconds')}  after {item.terminations} "
+                      f"terminations (last: {item.reason})", highlight=False)
+
+
+@watchdog.command("release")
+@database_url_option
+@click.argument("tenant")
+@click.pass_context
+@_fail_cleanly
+def watchdog_release(ctx: click.Context, database_url: str | None, tenant: str) -> None:
+    """Release TENANT (a client id) from quarantine: its context is accepted again."""
+    from .watchdog import connect_watchdog, release_tenant
+
+    target = target_for(database_url, ctx.obj["data_dir"])
+    with connect_watchdog(target.require_admin()) as conn:
+        released = release_tenant(conn, tenant)
+    console.print(f"released tenant {tenant}" if released else f"tenant {tenant} was not quarantined", highlight=False)
 
 
 def main() -> None:

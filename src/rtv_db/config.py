@@ -11,8 +11,10 @@ rtv-db talks to PostgreSQL under three roles:
   maintenance. It bypasses RLS, so it is never the default and every use is logged.
 
 ``rtv-db migrate`` also installs the runtime role's settings in the database
-(:meth:`Settings.runtime_role_settings`: the two timeouts, and bind parameters kept out of the
-server log), and the runtime-role guard refuses a connection whose role has any other.
+(:meth:`Settings.runtime_role_settings`: the two timeouts, the temporary-file limit, and bind
+parameters kept out of the server log). The runtime-role guard (:mod:`rtv_db.connection`) puts
+back, at connect, whatever the runtime role itself may put back, and refuses a connection whose
+role has any other difference.
 
 Without any URL the embedded server is used, and every URL is derived from it.
 """
@@ -35,6 +37,7 @@ __all__ = [
     "ROLE_NAME",
     "DEFAULT_STATEMENT_TIMEOUT_MS",
     "DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+    "DEFAULT_TEMP_FILE_LIMIT_KB",
     "runtime_role_settings",
     "runtime_role_settings_from_env",
     "OPTIONAL_ROLE_SETTINGS",
@@ -54,6 +57,11 @@ _TIMEOUT_ENV = {
     "statement_timeout_ms": "RTV_DB_STATEMENT_TIMEOUT_MS",
     "idle_in_transaction_timeout_ms": "RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
 }
+# The runtime role's temp_file_limit (kB per process): one statement's sorts and hashes may not fill
+# the server's disk. A superuser-only parameter, so the runtime role cannot lift it.
+DEFAULT_TEMP_FILE_LIMIT_KB = 1_048_576  # 1 GB
+_TEMP_FILE_LIMIT_ENV = "RTV_DB_TEMP_FILE_LIMIT_KB"
+_MAX_TEMP_FILE_LIMIT_KB = 2_147_483_647  # PostgreSQL's maximum (INT_MAX kB)
 
 
 def _env(name: str) -> str | None:
@@ -80,9 +88,18 @@ def _check_timeout(attr: str, value: object) -> None:
         )
 
 
+def _check_temp_file_limit(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_TEMP_FILE_LIMIT_KB:
+        raise ConfigurationError(
+            f"temp_file_limit_kb={value!r} ({_TEMP_FILE_LIMIT_ENV}) must be a positive number of kilobytes up to "
+            f"{_MAX_TEMP_FILE_LIMIT_KB}: without a limit one tenant's statement may fill the server's disk"
+        )
+
+
 def runtime_role_settings(
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
     idle_in_transaction_timeout_ms: int = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+    temp_file_limit_kb: int = DEFAULT_TEMP_FILE_LIMIT_KB,
 ) -> dict[str, str]:
     """The runtime role's settings in the database, exactly as ``rtv-db migrate`` installs them.
 
@@ -90,15 +107,18 @@ def runtime_role_settings(
     (``ALTER ROLE <runtime> IN DATABASE <db> SET key = value``). The timeouts are role settings,
     not startup options, so that they hold behind a pooler. ``log_parameter_max_length`` and
     ``log_parameter_max_length_on_error`` at 0 keep bind parameters (the signed tenant-context
-    token is one) out of the server log, whatever statement logging is on.
+    token is one) out of the server log, whatever statement logging is on. ``temp_file_limit``
+    (kB) bounds the temporary files of each of its processes.
     """
     _check_timeout("statement_timeout_ms", statement_timeout_ms)
     _check_timeout("idle_in_transaction_timeout_ms", idle_in_transaction_timeout_ms)
+    _check_temp_file_limit(temp_file_limit_kb)
     return {
         "statement_timeout": str(int(statement_timeout_ms)),
         "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout_ms)),
         "log_parameter_max_length": "0",
         "log_parameter_max_length_on_error": "0",
+        "temp_file_limit": str(int(temp_file_limit_kb)),
     }
 
 
@@ -155,18 +175,31 @@ def diff_role_settings(global_setconfig: Iterable[str] | None, database_setconfi
     )
 
 
+def _env_kb(name: str) -> int | None:
+    value = _env(name)
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r} is not a whole number of kilobytes") from None
+
+
 def runtime_role_settings_from_env() -> dict[str, str]:
     """:func:`runtime_role_settings` with the timeouts of ``RTV_DB_STATEMENT_TIMEOUT_MS`` and
-    ``RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`` (defaults 30 s and 60 s).
+    ``RTV_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`` (defaults 30 s and 60 s) and the temporary-file limit
+    of ``RTV_DB_TEMP_FILE_LIMIT_KB`` (default 1 GB).
 
     What the runtime-role guard expects at connect: the application and ``rtv-db migrate`` must
     see the same values (like the context key).
     """
     statement = _env_ms(_TIMEOUT_ENV["statement_timeout_ms"])
     idle = _env_ms(_TIMEOUT_ENV["idle_in_transaction_timeout_ms"])
+    temp_files = _env_kb(_TEMP_FILE_LIMIT_ENV)
     return runtime_role_settings(
         DEFAULT_STATEMENT_TIMEOUT_MS if statement is None else statement,
         DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS if idle is None else idle,
+        DEFAULT_TEMP_FILE_LIMIT_KB if temp_files is None else temp_files,
     )
 
 
@@ -186,6 +219,7 @@ class Settings:
     # Installed by `migrate` as the runtime role's settings in the database (not startup options).
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
     idle_in_transaction_timeout_ms: int = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS
+    temp_file_limit_kb: int = DEFAULT_TEMP_FILE_LIMIT_KB
 
     def __post_init__(self) -> None:
         for attr in ("owner_role", "runtime_role", "system_role"):
@@ -198,6 +232,7 @@ class Settings:
             raise ConfigurationError("owner, runtime and system roles must be three different roles")
         for attr in _TIMEOUT_ENV:
             _check_timeout(attr, getattr(self, attr))
+        _check_temp_file_limit(self.temp_file_limit_kb)
 
     @classmethod
     def from_env(cls, *, admin_url: str | None = None, **overrides: object) -> "Settings":
@@ -217,12 +252,16 @@ class Settings:
             ms = _env_ms(env_name)
             if ms is not None:
                 values[attr] = ms
+        temp_files = _env_kb(_TEMP_FILE_LIMIT_ENV)
+        if temp_files is not None:
+            values["temp_file_limit_kb"] = temp_files
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
     def runtime_role_settings(self) -> dict[str, str]:
         """What ``migrate`` installs for the runtime role in the database (see :func:`runtime_role_settings`)."""
-        return runtime_role_settings(self.statement_timeout_ms, self.idle_in_transaction_timeout_ms)
+        return runtime_role_settings(self.statement_timeout_ms, self.idle_in_transaction_timeout_ms,
+                                     self.temp_file_limit_kb)
 
     @property
     def uses_embedded_server(self) -> bool:

@@ -112,11 +112,13 @@ class MissingTenantContextError(TenantError):
 
 
 class TenantContextRefusedError(TenantError):
-    """The database refused the signed tenant context: unknown key, bad signature, expired token.
+    """The database refused the signed tenant context: unknown key, bad signature, expired token,
+    or a tenant quarantined by ``rtv-db watchdog`` for repeated stalls.
 
     Almost always configuration: the application's context key is not installed in the database
     (run ``rtv-db migrate`` with the same key), or the clocks of the two differ by more than the
-    token lifetime. See docs/signed-context.md.
+    token lifetime. See docs/signed-context.md. A quarantined tenant (the message says so) is
+    refused until an operator runs ``rtv-db watchdog release <tenant>`` (docs/watchdog.md).
     """
 
 

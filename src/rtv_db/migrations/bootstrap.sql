@@ -1,11 +1,12 @@
 -- rtv-db bootstrap: what needs a superuser (or CREATEROLE) login, run by `rtv-db migrate`
 -- before the Alembic revisions. Idempotent: run twice, it changes nothing.
 -- {owner}, {runtime}, {system}, {database} are quoted identifiers; {runtime_password} and
--- {system_password} are quoted literals (or NULL); {statement_timeout_ms} and
--- {idle_in_transaction_timeout_ms} are integer literals. Every attribute is stated, so a role
--- that was altered by hand is put back. Written for a superuser admin login: only a superuser can
--- revoke on pg_catalog functions and set the log_* parameters (a lesser login gets a WARNING for
--- each step it cannot do, and `rtv-db verify` reports what is missing).
+-- {system_password} are quoted literals (or NULL); {statement_timeout_ms},
+-- {idle_in_transaction_timeout_ms} and {temp_file_limit_kb} are integer literals. Every attribute
+-- is stated, so a role that was altered by hand is put back. Written for a superuser admin login:
+-- only a superuser can revoke on pg_catalog functions and set the log_* parameters and
+-- temp_file_limit (a lesser login gets a WARNING for each step it cannot do, and `rtv-db verify`
+-- reports what is missing).
 
 -- The owner: owns every table, function and policy. Nobody logs in as it; migrations SET ROLE to it.
 DO $bootstrap$
@@ -48,8 +49,9 @@ CREATE EXTENSION IF NOT EXISTS vector SCHEMA public;
 -- The runtime role's own settings (pg_db_role_setting). The runtime role may change its own
 -- defaults (`ALTER ROLE current_user SET search_path = pg_catalog`, `... IN DATABASE ... SET
 -- statement_timeout = 0`), and every later connection of every tenant inherits them: reset all of
--- them, everywhere, then install exactly these. The runtime-role guard (connection.py) refuses a
--- connection whose role has anything else, and `rtv-db verify` reports it.
+-- them, everywhere, then install exactly these. The runtime-role guard (connection.py) puts back,
+-- at connect, what the runtime role itself may put back (and reconnects), refuses what it may not,
+-- and `rtv-db verify` reports any difference.
 -- Every setting of the runtime role belongs HERE: one installed anywhere else (a revision) would
 -- be removed by the next migrate and refused at connect.
 ALTER ROLE {runtime} RESET ALL;
@@ -75,6 +77,22 @@ BEGIN
     END IF;
 END
 $log_parameters$;
+-- Temporary files: one sort or hash of one tenant's statement may not fill the server's disk
+-- (temp_file_limit is -1, unbounded, by default). Per process: a parallel query's workers have one
+-- each. A superuser-only parameter: the runtime role can neither SET it (permission denied) nor
+-- change its own default. An admin login that may not set it (a managed host) leaves it unbounded
+-- and says so; the runtime-role guard then refuses the role (its settings are not migrate's).
+DO $temp_files$
+BEGIN
+    IF pg_catalog.has_parameter_privilege('temp_file_limit', 'SET') THEN
+        EXECUTE pg_catalog.format('ALTER ROLE %I IN DATABASE %I SET temp_file_limit = %s',
+                                  {runtime_name}, pg_catalog.current_database(), {temp_file_limit_kb});
+    ELSE
+        RAISE WARNING 'rtv-db: % may not set temp_file_limit: the temporary files of one statement of % are unbounded',
+            current_user, {runtime_name};
+    END IF;
+END
+$temp_files$;
 -- On a Citus coordinator the runtime role also needs citus.propagate_set_commands = 'local' (the
 -- SET LOCAL tenant context reaches the workers; see citus/apply.py). Put back here, after RESET ALL,
 -- so that the role is never without it between this transaction and the distribution step.
@@ -174,3 +192,16 @@ BEGIN
     END LOOP;
 END
 $sessions$;
+
+-- rtv.set_signed_context (revision 0010; SECURITY DEFINER, it runs as the owner) marks each tenant
+-- transaction for `rtv-db watchdog` with two shared transaction-level advisory locks. The block
+-- above took the advisory lock functions from PUBLIC; the owner gets these two back. The owner is
+-- NOLOGIN and no login is a member of it but the migrating admin: the runtime role still has none.
+DO $watchdog_marks$
+BEGIN
+    IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        GRANT EXECUTE ON FUNCTION pg_catalog.pg_advisory_xact_lock_shared(bigint),
+            pg_catalog.pg_advisory_xact_lock_shared(integer, integer) TO {owner};
+    END IF;
+END
+$watchdog_marks$;

@@ -192,6 +192,16 @@ def check_runtime_role_settings(conn: Connection, config: VerifyConfig) -> Itera
             f"{role} IN DATABASE {database} SET log_parameter_max_length = 0 (and "
             "log_parameter_max_length_on_error = 0).",
         )
+    if "temp_file_limit" in diff.missing:
+        yield Finding(
+            "ROLE_TEMP_FILES_UNBOUNDED", "warning", f"role {role}",
+            f"no temp_file_limit for the runtime role {role} in this database",
+            "temp_file_limit is -1 (unbounded) by default: one sort or hash of one tenant's statement, with "
+            "work_mem lowered or not, writes as many temporary files as it likes, until the server's disk is full.",
+            "Run `rtv-db migrate` as a superuser (RTV_DB_TEMP_FILE_LIMIT_KB, 1 GB by default), or ALTER ROLE "
+            f"{role} IN DATABASE {database} SET temp_file_limit = 1048576 (a superuser-only parameter: the runtime "
+            "role cannot lift it).",
+        )
 
 
 # What `rtv-db migrate` revokes from PUBLIC in the database (keep in step with bootstrap.sql):
