@@ -384,6 +384,10 @@ def test_statistics_views_show_no_values_of_rls_tables(runtime, world, admin_con
     """
     tenants, accounts = world
     admin_conn.execute("ANALYZE")
+    # Since revision 0009 no column of a tenant table collects statistics (docs/statistics.md);
+    # planted here, as a mistake would, to show that pg_stats hides them from the runtime role anyway.
+    assert admin_conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'brand_kits'").fetchone()[0] == 0
+    admin_conn.execute("ALTER TABLE brand_kits ALTER COLUMN name SET STATISTICS -1; ANALYZE brand_kits")
     assert admin_conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'brand_kits'").fetchone()[0] > 0
     _set_context(runtime, tenants.a, accounts[tenants.a])
     for view in ("pg_stats", "pg_stats_ext", "pg_stats_ext_exprs"):

@@ -37,6 +37,9 @@ def _constraints() -> dict[str, tuple[str, tuple[str, ...], str | None]]:
                 found[constraint.name] = (table.name, tuple(constraint.column_keys), constraint.referred_table.name)
             elif isinstance(constraint, (UniqueConstraint, PrimaryKeyConstraint)):
                 found[constraint.name] = (table.name, tuple(c.name for c in constraint.columns), None)
+        for index in table.indexes:  # a unique index reports its name too (clients_slug_key: an expression on slug)
+            if index.unique and isinstance(index.name, str):
+                found[index.name] = (table.name, tuple(c.name for c in index.columns), None)
     return found
 
 

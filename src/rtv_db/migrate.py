@@ -103,6 +103,7 @@ def _bootstrap(conn: Connection, settings: Settings) -> str:
         database=sql.Identifier(database),
         statement_timeout_ms=sql.Literal(int(settings.statement_timeout_ms)),
         idle_in_transaction_timeout_ms=sql.Literal(int(settings.idle_in_transaction_timeout_ms)),
+        temp_file_limit_kb=sql.Literal(int(settings.temp_file_limit_kb)),
     ).as_string(dbapi)
     conn.exec_driver_sql(rendered, execution_options={"no_parameters": True})
     return rendered
@@ -138,6 +139,42 @@ def _new_tables_only(before: str | None, wanted: str) -> bool:
     except RevisionError:
         return False  # ``wanted`` is not ahead of ``before`` (an older revision, or another branch)
     return bool(scripts) and all(getattr(s.module, "citus_new_tables_only", False) for s in scripts)
+
+
+# Statistics ANALYZE collected before a tenant column got STATISTICS 0 (revisions 0006, 0009): on
+# PostgreSQL 18 revision 0009 clears them as the owner (pg_clear_attribute_stats); before 18 only a
+# superuser may delete them. Tenant tables: client_id, or clients; their indexes' expressions too.
+_COLLECTED_STATISTICS = """
+    WITH tenant AS (
+        SELECT t.oid FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+        WHERE n.nspname = 'public' AND t.relkind IN ('r', 'p')
+          AND (t.relname = 'clients' OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = t.oid
+                                                AND x.attname = 'client_id' AND NOT x.attisdropped))
+    ), rel AS (
+        SELECT oid FROM tenant UNION SELECT i.indexrelid FROM pg_catalog.pg_index i JOIN tenant ON tenant.oid = i.indrelid
+    )
+    DELETE FROM pg_catalog.pg_statistic s USING pg_catalog.pg_attribute a
+    WHERE s.starelid IN (SELECT oid FROM rel) AND a.attrelid = s.starelid AND a.attnum = s.staattnum
+      AND a.attstattarget = 0
+"""
+
+
+def _drop_collected_statistics(conn: Connection, settings: Settings) -> None:
+    """Delete what ANALYZE collected for tenant columns that now have STATISTICS 0, as the admin
+    login when it is a superuser; before PostgreSQL 18 nobody else may (a warning says so)."""
+    superuser, version = conn.exec_driver_sql(
+        "SELECT rolsuper, current_setting('server_version_num')::int FROM pg_catalog.pg_roles"
+        " WHERE rolname = session_user").one()
+    if not superuser:
+        if version < 180000:
+            _log.warning("statistics collected on tenant columns before they got STATISTICS 0 stay until a superuser"
+                         " runs `rtv-db migrate` (PostgreSQL %s); `rtv-db verify` as the admin lists them", version)
+        return
+    conn.exec_driver_sql("RESET ROLE")
+    deleted = conn.exec_driver_sql(_COLLECTED_STATISTICS).rowcount
+    conn.exec_driver_sql(f'SET LOCAL ROLE "{settings.owner_role}"')
+    if deleted:
+        _log.info("deleted %s collected statistic(s) of tenant columns with STATISTICS 0", deleted)
 
 
 def _run(admin_url: str, settings: Settings, action: str, revision: str) -> MigrationResult:
@@ -184,6 +221,7 @@ def _run(admin_url: str, settings: Settings, action: str, revision: str) -> Migr
                 from .signing import install_context_config
 
                 context_changes = install_context_config(conn, settings)
+                _drop_collected_statistics(conn, settings)
             else:
                 command.downgrade(cfg, revision)
             after = _revision(conn)

@@ -11,8 +11,16 @@ prevent. :func:`tenant_table_sql` writes the whole step as plain SQL a reviewer 
   project's form (``client_id = (SELECT rtv.current_tenant_id())``, an InitPlan);
 * the audit trigger, the grants (DML for the runtime and system roles, nothing for PUBLIC: no
   TRUNCATE, REFERENCES or TRIGGER);
-* ``STATISTICS 0`` on every column but ``client_id`` and ``id``, as revision 0006 does for the
-  core tables.
+* ``STATISTICS 0`` on every column, ``client_id`` and ``id`` included, as revisions 0006 and 0009
+  do for the core tables (docs/statistics.md).
+
+Each column definition is parsed, not pasted: ``<name> <type> [NOT NULL | NULL] [DEFAULT
+<constant>]``, the type from a fixed list (:data:`COLUMN_TYPES`), the default a constant (a quoted
+string, optionally cast to such a type, a number, ``true``/``false``/``NULL``, ``now()``,
+``CURRENT_TIMESTAMP``, ``CURRENT_DATE``, ``gen_random_uuid()``). Anything else (a second column
+after a comma, a constraint, a comment, a quoted identifier) is an :class:`InvalidInputError`
+and nothing is written; the SQL is rendered from what was parsed. Constraints beyond NOT NULL
+(CHECK, REFERENCES to a non-tenant table) go in the revision as separate statements.
 
 On Citus nothing else is written here: ``rtv-db migrate`` distributes every table with a
 ``client_id`` after the revisions run (co-located with the other tenant tables) and rewrites its
@@ -41,15 +49,49 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 
-__all__ = ["Parent", "tenant_table_sql", "drop_tenant_table_sql", "write_tenant_table_revision"]
+__all__ = ["COLUMN_TYPES", "ColumnDefinition", "Parent", "parse_column", "tenant_table_sql", "drop_tenant_table_sql",
+           "write_tenant_table_revision"]
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 # Columns every tenant table gets; a column definition may not redefine them.
 _RESERVED = {"client_id", "id", "created_at", "updated_at"}
-# What a column definition may not contain: a second statement, a comment, a quote that could
-# hide one. Column definitions are the migration author's text, not user input; this catches typos
-# and pasted DDL, it is not a sandbox.
-_FORBIDDEN = re.compile(r";|--|/\*|\$\$")
+
+COLUMN_TYPES: dict[str, int] = {
+    # type name (as written, lower case) -> how many modifiers it takes in parentheses (at most)
+    "text": 0, "varchar": 1, "character varying": 1, "char": 1, "character": 1,
+    "smallint": 0, "integer": 0, "int": 0, "bigint": 0, "numeric": 2, "decimal": 2, "real": 0,
+    "double precision": 0, "boolean": 0, "bool": 0,
+    "date": 0, "time": 1, "timestamp": 1, "timestamptz": 1, "timestamp with time zone": 0,
+    "timestamp without time zone": 0, "interval": 0,
+    "uuid": 0, "jsonb": 0, "json": 0, "bytea": 0, "inet": 0, "vector": 1,
+}
+"""The column types a generated tenant table may use (each also as an array, ``text[]``)."""
+
+_MULTI_WORD_TYPES = sorted((t for t in COLUMN_TYPES if " " in t), key=len, reverse=True)
+_DEFAULT_CALLS = {"now", "gen_random_uuid"}
+_DEFAULT_KEYWORDS = {"true": "true", "false": "false", "null": "NULL", "current_timestamp": "CURRENT_TIMESTAMP",
+                     "current_date": "CURRENT_DATE"}
+# One token: a word, a number, a quoted string ('' inside), or one of ( ) , [ ] ::. Anything else
+# (";", a comment, a double quote, "$", a backslash) matches nothing and is refused. A string may
+# hold no backslash, control character or two double quotes in a row either: it is written into
+# the revision's r"""...""" Python string, one line per statement line.
+_TOKEN = re.compile(r"\s*(?:(?P<word>[A-Za-z_][A-Za-z0-9_]*)|(?P<number>-?[0-9]+(?:\.[0-9]+)?)"
+                    r"|(?P<string>'(?:[^'\\\"\x00-\x1f\x7f]|''|\"(?!\"))*')|(?P<punct>::|[(),\[\]]))")
+_GRAMMAR = "<name> <type> [NOT NULL | NULL] [DEFAULT <constant>]"
+
+
+@dataclass(frozen=True)
+class ColumnDefinition:
+    """One parsed column definition; :meth:`sql` renders it."""
+
+    name: str
+    type: str
+    not_null: bool = False
+    default: str | None = None
+
+    def sql(self) -> str:
+        return " ".join([self.name, self.type, *(["NOT NULL"] if self.not_null else []),
+                         *([f"DEFAULT {self.default}"] if self.default is not None else [])])
 
 
 @dataclass(frozen=True)
@@ -68,10 +110,145 @@ def _name(value: str, what: str) -> str:
     return value
 
 
-def _column_name(definition: str) -> str:
-    if not isinstance(definition, str) or _FORBIDDEN.search(definition):
-        raise InvalidInputError(f"column definition {str(definition)[:60]!r}: one column, no ';', comments or $$")
-    return _name(definition.split(None, 1)[0] if definition.strip() else "", "column")
+def _tokens(definition: str) -> list[str]:
+    tokens: list[str] = []
+    position = 0
+    text = definition.rstrip()
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None or match.end() == position:
+            raise _bad(definition, f"unexpected {text[position:].strip()[:20]!r}")
+        tokens.append(match.group(match.lastgroup or "word"))
+        position = match.end()
+    return tokens
+
+
+def _bad(definition: object, why: str) -> InvalidInputError:
+    return InvalidInputError(f"column definition {str(definition)[:60]!r}: expected one column, {_GRAMMAR}: {why}")
+
+
+class _Reader:
+    """The tokens of one definition, read front to back."""
+
+    def __init__(self, definition: str) -> None:
+        self.definition = definition
+        self.tokens = _tokens(definition)
+        self.at = 0
+
+    def peek(self, offset: int = 0) -> str | None:
+        i = self.at + offset
+        return self.tokens[i] if i < len(self.tokens) else None
+
+    def word(self, offset: int = 0) -> str | None:
+        token = self.peek(offset)
+        return token.lower() if token is not None and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token) else None
+
+    def take(self, count: int = 1) -> list[str]:
+        taken = self.tokens[self.at:self.at + count]
+        self.at += count
+        return taken
+
+    def expect(self, token: str) -> None:
+        if self.peek() != token:
+            raise _bad(self.definition, f"expected {token!r}, found {self.peek()!r}")
+        self.at += 1
+
+    def bad(self, why: str) -> InvalidInputError:
+        return _bad(self.definition, why)
+
+
+def _type(reader: _Reader) -> str:
+    """A type of :data:`COLUMN_TYPES`, with its modifiers and an optional ``[]``, normalised."""
+    name = None
+    for candidate in _MULTI_WORD_TYPES:
+        words = candidate.split()
+        if [reader.word(i) for i in range(len(words))] == words:
+            name = candidate
+            reader.take(len(words))
+            break
+    if name is None:
+        word = reader.word()
+        if word not in COLUMN_TYPES:
+            raise reader.bad(f"type {reader.peek()!r} is not one of {', '.join(sorted(COLUMN_TYPES))}")
+        name = word
+        reader.take()
+    modifiers: list[str] = []
+    if reader.peek() == "(":
+        reader.take()
+        while True:
+            token = reader.peek()
+            if token is None or not token.isdigit():
+                raise reader.bad(f"a type modifier must be a whole number, not {token!r}")
+            modifiers.append(str(int(token)))
+            reader.take()
+            if reader.peek() == ",":
+                reader.take()
+                continue
+            reader.expect(")")
+            break
+    if len(modifiers) > COLUMN_TYPES[name]:
+        raise reader.bad(f"{name} takes at most {COLUMN_TYPES[name]} modifier(s)")
+    rendered = name + (f"({', '.join(modifiers)})" if modifiers else "")
+    if reader.peek() == "[":
+        reader.take()
+        reader.expect("]")
+        rendered += "[]"
+    return rendered
+
+
+def _default(reader: _Reader) -> str:
+    """A constant: a string (optionally ``::type``), a number, true/false/NULL, now(), ..."""
+    token = reader.peek()
+    word = reader.word()
+    if token is None:
+        raise reader.bad("DEFAULT needs a value")
+    if token.startswith("'"):
+        reader.take()
+        value = token
+        if reader.peek() == "::":
+            reader.take()
+            value += "::" + _type(reader)
+        return value
+    if re.fullmatch(r"-?[0-9]+(?:\.[0-9]+)?", token):
+        reader.take()
+        return token
+    if word in _DEFAULT_KEYWORDS:
+        reader.take()
+        return _DEFAULT_KEYWORDS[word]
+    if word in _DEFAULT_CALLS and reader.peek(1) == "(" and reader.peek(2) == ")":
+        reader.take(3)
+        return f"{word}()"
+    raise reader.bad(f"DEFAULT {token!r} is not a constant (a quoted string, a number, true, false, NULL, "
+                     "now(), CURRENT_TIMESTAMP, CURRENT_DATE, gen_random_uuid())")
+
+
+def parse_column(definition: str) -> ColumnDefinition:
+    """``definition`` (``"title text NOT NULL DEFAULT ''"``) as a :class:`ColumnDefinition`, or
+    :class:`InvalidInputError` for anything but one column of the grammar."""
+    if not isinstance(definition, str) or not definition.strip():
+        raise _bad(definition, "empty")
+    reader = _Reader(definition)
+    name = reader.peek() or ""
+    if not _NAME.match(name):
+        raise reader.bad(f"column {name[:60]!r} must be a lower-case identifier of at most 48 characters")
+    reader.take()
+    column_type = _type(reader)
+    not_null: bool | None = None
+    default: str | None = None
+    while reader.peek() is not None:
+        word = reader.word()
+        if word == "not" and reader.word(1) == "null" and not_null is None:
+            reader.take(2)
+            not_null = True
+        elif word == "null" and not_null is None:
+            reader.take()
+            not_null = False
+        elif word == "default" and default is None:
+            reader.take()
+            default = _default(reader)
+        else:
+            raise reader.bad(f"unexpected {reader.peek()!r} (one column; NOT NULL, NULL and DEFAULT once each)")
+    return ColumnDefinition(name, column_type, bool(not_null), default)
 
 
 def tenant_table_sql(
@@ -93,7 +270,10 @@ def tenant_table_sql(
     table = _name(name, "table")
     if table in ("clients", "audit_events"):
         raise InvalidInputError(f"{table!r} is rtv-db's own table")
-    defined = [_column_name(c) for c in columns]
+    if isinstance(columns, str):
+        raise InvalidInputError("columns is a list of column definitions, not one string")
+    parsed = [parse_column(c) for c in columns]
+    defined = [c.name for c in parsed]
     clash = sorted(set(defined) & _RESERVED)
     if clash:
         raise InvalidInputError(f"every tenant table has {', '.join(clash)} already: leave them out")
@@ -101,7 +281,7 @@ def tenant_table_sql(
         raise InvalidInputError("a column is defined twice")
 
     lines = ["client_id  uuid        NOT NULL", "id         uuid        NOT NULL DEFAULT gen_random_uuid()"]
-    lines += [c.strip() for c in columns]
+    lines += [c.sql() for c in parsed]
     for parent in parents:
         _name(parent.table, "parent table")
         _name(parent.column, "parent column")
@@ -128,9 +308,11 @@ def tenant_table_sql(
     index_sets = [["client_id", p.column] for p in parents] + [_led_by_client_id(c, known, "index") for c in indexes]
     for names in index_sets:
         statements.append(f"CREATE INDEX {table}_{'_'.join(names)}_idx ON {table} ({', '.join(names)});")
-    # No planner statistics on tenant content (revision 0006, docs/statistics.md): estimates
-    # computed over every tenant's rows would tell a tenant about the others' values.
-    content = [*defined, *(p.column for p in parents if p.column not in defined), "created_at", "updated_at"]
+    # No planner statistics on any column (revisions 0006 and 0009, docs/statistics.md): estimates
+    # computed over every tenant's rows would tell a tenant about the others' values, and those on
+    # client_id about which tenants exist.
+    content = ["client_id", "id", *defined, *(p.column for p in parents if p.column not in defined),
+               "created_at", "updated_at"]
     statements.append("\n".join(f"ALTER TABLE {table} ALTER COLUMN {c} SET STATISTICS 0;" for c in content))
     statements.append(f"""ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {table} FORCE ROW LEVEL SECURITY;

@@ -1,10 +1,12 @@
 """Checks of the tenant tables' shape: keys and foreign keys led by the tenant column, a tenant
 index, views that run as the invoker, SECURITY DEFINER functions with a fixed search path, the
-context mode.
+context mode; and what EXPLAIN would show a tenant about the others (every index led by the tenant
+column, no planner statistics).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 
 from psycopg import Connection
@@ -12,7 +14,9 @@ from psycopg import Connection
 from ._model import (
     _USER_SCHEMA,
     Finding,
+    TenantTable,
     VerifyConfig,
+    _role_oid,
     _scalar,
     register_check,
     tenant_tables,
@@ -184,3 +188,171 @@ def check_context_mode(conn: Connection, config: VerifyConfig) -> Iterator[Findi
 
     for item in context_mode_findings(conn):
         yield Finding("CONTEXT_UNSIGNED", "error", item["object"], item["message"], item["why"].capitalize() + ".", item["fix"])
+
+
+# -- what EXPLAIN shows a tenant about the others (issue 24, items 1 and 12) ------------------------
+
+
+def _readable_tenant_tables(conn: Connection, config: VerifyConfig) -> list[TenantTable]:
+    """The tenant tables the runtime role may read (a column of it, or of a partitioned ancestor):
+    the ones it can EXPLAIN. Empty when the role does not exist (ROLE_MISSING says so)."""
+    role_oid = _role_oid(conn, config.runtime_role)
+    tables = tenant_tables(conn, config)
+    if role_oid is None or not tables:
+        return []
+    readable = {oid for (oid,) in conn.execute(
+        """
+        SELECT c.oid FROM pg_class c
+        WHERE c.oid = ANY (%(oids)s)
+          AND (has_any_column_privilege(%(role)s, c.oid, 'SELECT')
+               OR EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a
+                          WHERE has_any_column_privilege(%(role)s, a.relid, 'SELECT')))
+        """,
+        {"oids": [t.oid for t in tables], "role": role_oid},
+    )}
+    return [t for t in tables if t.oid in readable]
+
+
+def _node_list(tree: str | None) -> list[str]:
+    """The top-level nodes of a pg_node_tree list (``({FUNCEXPR ...} {VAR ...})``), as text."""
+    items: list[str] = []
+    depth, start, escaped = 0, 0, False
+    for i, ch in enumerate(tree or ""):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                items.append((tree or "")[start:i + 1])
+    return items
+
+
+# A function call written by name (funcformat 0, COERCE_EXPLICIT_CALL): not a cast or SQL syntax.
+_NAMED_CALL = re.compile(r"\{FUNCEXPR :funcid (\d+)[^{]*?:funcformat 0\b")
+
+
+def _unwritable(conn: Connection, role_oid: int, expressions: Sequence[str]) -> bool:
+    """Whether the runtime role can write none of ``expressions`` (index columns, as node trees):
+    each calls, by name, a function in a schema the role has no USAGE on, in a language the
+    planner does not inline (an SQL function's body replaces the call in the index expression the
+    planner matches, so a hidden SQL identity function hides nothing)."""
+    for expression in expressions:
+        calls = [int(f) for f in _NAMED_CALL.findall(expression)]
+        if not calls or not _scalar(
+            conn,
+            """
+            SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+                           WHERE p.oid = ANY (%s) AND l.lanname NOT IN ('sql')
+                             AND NOT has_schema_privilege(%s, p.pronamespace, 'USAGE'))
+            """,
+            (calls, role_oid),
+        ):
+            return False
+    return bool(expressions)
+
+
+@register_check
+def check_index_tenant_led(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """Every index of a tenant table the runtime role reads leads with the tenant column (or is
+    made only of expressions that role cannot write)."""
+    from .search import _VECTOR_METHODS  # vector indexes: VECTOR_INDEX_SHARED and SEARCH_INDEX_MIXED
+
+    role_oid = _role_oid(conn, config.runtime_role)
+    for t in _readable_tenant_tables(conn, config):
+        for name, method, keys, nkeys, expressions, partial in conn.execute(
+            """
+            SELECT i.indexrelid::regclass::text, am.amname, i.indkey::int2[], i.indnkeyatts, i.indexprs::text,
+                   i.indpred IS NOT NULL
+            FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+            WHERE i.indrelid = %s ORDER BY 1
+            """,
+            (t.oid,),
+        ):
+            keys = list(keys)[:nkeys]
+            if method in _VECTOR_METHODS or (keys and keys[0] == t.tenant_attnum):
+                continue
+            key_expressions = _node_list(expressions)[:sum(1 for k in keys if k == 0)]
+            if (role_oid is not None and not partial and all(k == 0 for k in keys)
+                    and _unwritable(conn, role_oid, key_expressions)):
+                continue
+            column = _tenant_column_name(conn, t)
+            yield Finding(
+                "INDEX_NOT_TENANT_LED", "error", f"{t.name}: index {name}",
+                f"index {name} on {t.name} does not lead with {column}",
+                "A condition on its columns is an index condition, applied before the tenant policy "
+                "filters rows, and EXPLAIN ANALYZE reports how many rows the policy removed: the "
+                "runtime role counts other tenants' rows per range of values (the planner switches "
+                "that force such a plan are settable by anyone), and bisecting lists the values.",
+                f"DROP INDEX {name}; recreate it led by {column}: CREATE INDEX ON {t.name} ({column}, ...). "
+                "A global unique key that must stay global: a unique index on an expression the runtime "
+                "role cannot write (a PL/pgSQL function in a schema it has no USAGE on, as clients_slug_key).",
+            )
+
+
+def _tenant_column_name(conn: Connection, table: TenantTable) -> str:
+    return str(_scalar(conn, "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum = %s",
+                       (table.oid, table.tenant_attnum)))
+
+
+@register_check
+def check_tenant_statistics(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
+    """No planner statistics on a tenant table the runtime role reads: every column (the tenant
+    column too) and index expression has STATISTICS 0, no extended statistics, and (as a role that
+    reads pg_statistic) nothing collected."""
+    read_collected = _scalar(conn, "SELECT has_table_privilege('pg_catalog.pg_statistic', 'SELECT')")
+    for t in _readable_tenant_tables(conn, config):
+        problems: list[str] = []
+        fixes: list[str] = []
+        columns = [r[0] for r in conn.execute(
+            "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+            "AND COALESCE(attstattarget, -1) <> 0 ORDER BY attnum", (t.oid,))]
+        if columns:
+            problems.append(f"column(s) {', '.join(columns)} collect statistics")
+            fixes += [f"ALTER TABLE {t.name} ALTER COLUMN {c} SET STATISTICS 0;" for c in columns]
+        for index, position in conn.execute(
+            """
+            SELECT i.indexrelid::regclass::text, a.attnum
+            FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indexrelid AND a.attnum > 0
+            WHERE i.indrelid = %s AND i.indkey[a.attnum - 1] = 0 AND COALESCE(a.attstattarget, -1) <> 0
+            ORDER BY 1, 2
+            """,
+            (t.oid,),
+        ):
+            problems.append(f"expression {position} of index {index} collects statistics")
+            fixes.append(f"ALTER INDEX {index} ALTER COLUMN {position} SET STATISTICS 0;")
+        for (statistics,) in conn.execute(
+            "SELECT oid::regclass::text FROM pg_statistic_ext WHERE stxrelid = %s "
+            "AND COALESCE(stxstattarget, -1) <> 0 ORDER BY 1", (t.oid,)):
+            problems.append(f"extended statistics {statistics}")
+            fixes.append(f"DROP STATISTICS {statistics};")
+        if read_collected:
+            collected = [r[0] for r in conn.execute(
+                """
+                SELECT DISTINCT CASE WHEN s.starelid = %(t)s THEN quote_ident(a.attname)
+                                     ELSE s.starelid::regclass::text || '.' || a.attnum END
+                FROM pg_statistic s JOIN pg_attribute a ON a.attrelid = s.starelid AND a.attnum = s.staattnum
+                WHERE s.starelid = %(t)s OR s.starelid IN (SELECT indexrelid FROM pg_index WHERE indrelid = %(t)s)
+                ORDER BY 1
+                """,
+                {"t": t.oid},
+            )]
+            if collected:
+                problems.append(f"statistics collected for {', '.join(collected)} are still in pg_statistic")
+                fixes.append("then, as a superuser, `rtv-db migrate` (or on PostgreSQL 18, as the owner, "
+                             "pg_clear_attribute_stats for each)")
+        if problems:
+            yield Finding(
+                "TENANT_COLUMN_STATISTICS", "error", t.name,
+                f"{t.name}: {'; '.join(problems)}",
+                "Statistics are computed over every tenant's rows and RLS does not apply to them: the "
+                "runtime role reads them back through EXPLAIN row estimates. A range on client_id whose "
+                "estimate steps at each frequent tenant's id lists the tenants; a prefix on a content "
+                "column tells another tenant's values.",
+                " ".join(fixes),
+            )
