@@ -382,7 +382,9 @@ class Variants:
         self.got: dict[str, dict[int, list[uuid.UUID]]] = {name: {} for name in names}
 
     def _capture(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        if "<=>" in statement:  # with the transaction settings rtv-db sent with it (set_config ..., true)
+        # The search (the walk of a tenant's own index is a call of rtv.search_own_index, whose
+        # EXPLAIN shows the call), with the transaction settings rtv-db sent with it.
+        if "<=>" in statement or "search_own_index" in statement:
             settings = dict(context.execution_options).get(SETTINGS_OPTION) if context is not None else None
             self.sent.append((statement, parameters, tuple(tuple(p) for p in (settings.items() if isinstance(settings, dict) else settings or ()))))
 
@@ -492,7 +494,8 @@ def ef_sweep(server: BenchServer, ds: Dataset, key: int, queries: list[Query], r
     hnsw.ef_search``, iterative scan, the partial index's predicate), at each of EF_VALUES,
     interleaved: what recall and latency each candidate-list size gives on this tenant."""
     statement = (f"WITH r AS MATERIALIZED (SELECT id, embedding <=> %(q)s::vector AS distance FROM public.knowledge_chunks"
-                 f" WHERE search_key = {int(key)} ORDER BY embedding <=> %(q)s::vector LIMIT {K}) SELECT id FROM r ORDER BY distance")
+                 f" WHERE rtv_secret.search_partition(search_key) = {int(key)} ORDER BY embedding <=> %(q)s::vector LIMIT {K})"
+                 " SELECT id FROM r ORDER BY distance")
     n = len(queries)
     conns: list[psycopg.Connection[Any]] = []
     got: dict[str, dict[int, list[uuid.UUID]]] = {}
@@ -690,7 +693,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
     if sweep:
         lines += ["### The large tenant's own index walked directly, by `hnsw.ef_search`", "",
                   f"Admin, psycopg, `SET LOCAL hnsw.ef_search`, `hnsw.iterative_scan = relaxed_order`, the partial index's predicate "
-                  f"`search_key = <key>`; {sweep['rounds']} rounds × {sweep['batch']} per value, interleaved, the same queries as above, "
+                  f"`rtv_secret.search_partition(search_key) = <key>`; {sweep['rounds']} rounds × {sweep['batch']} per value, interleaved, the same queries as above, "
                   f"load average {sweep['loadavg']}. Plan: {_scan_nodes(sweep['plan'])}.", "",
                   "| ef_search | p50 ms | p95 ms | recall@10 | own topic | foreign topic | min | distance excess (own / foreign) |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -1,18 +1,21 @@
-"""Issue 14: a large tenant's own HNSW index (revision 0007, rtv_db.search_index), as the runtime role.
+"""Issue 14: a large tenant's own HNSW index (revisions 0007, 0011, rtv_db.search_index), as the runtime role.
 
 A has 3,000 clustered chunks and gets its own index; B has 300 chunks right next to A's queries.
-A's searches walk A's index only (its plan names it, and reports nothing thrown away), return
-the brute-force nearest within A (recall@10 >= 0.97 on this hard corpus), never one of B's. SQL injected in A's
-transaction cannot put A's rows into B's index: the trigger sets ``search_key``; with the
-trigger dropped (the code before it) the same attack lands A's row in B's index, and B's walk
-reports it. The index's definition, which the runtime role reads in the catalog, names a number,
-not a tenant.
+A's searches walk A's index only, through ``rtv.search_own_index`` (the walk inside it names the
+index and reports nothing thrown away), return the brute-force nearest within A (recall@10 >=
+0.97 on this hard corpus), never one of B's. SQL injected in A's transaction cannot put A's rows
+into B's index: the trigger sets ``search_key``; with the trigger dropped (the code before it)
+the same attack lands A's row in B's index, and B's walk reports it. The index's definition,
+which the runtime role reads in the catalog, names a number, not a tenant, and a function the
+runtime role cannot call by name (tests/test_search_reach_attacks.py: no other tenant walks it).
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
+import time
 import uuid
 
 import psycopg
@@ -23,8 +26,9 @@ from rtv_db import InvalidInputError, with_tenant_scope
 from rtv_db.config import to_libpq_url
 from rtv_db.schema import knowledge_bases, knowledge_chunks
 from rtv_db.schema.models import EMBEDDING_DIM
-from rtv_db.search_index import drop_tenant_index, index_large_tenants, index_tenant, tenant_indexes
-from rtv_db.tenant.search import search_keys, similar_chunks_statement
+from rtv_db.search_index import BuildProgress, drop_tenant_index, index_large_tenants, index_tenant, tenant_indexes
+from rtv_db.signing import load_keys, mint_token
+from rtv_db.tenant.search import EF_SEARCH, search_keys, similar_chunks_statement
 from tests.test_pgbouncer import bouncers  # noqa: F401 - the PgBouncer fixture (skips when unavailable)
 from tests.vectors import cosine, near, unit
 
@@ -64,6 +68,8 @@ def _exact(chunks, query, k):
 
 
 def _plan(scope, query, *, k=10, key=None, knowledge_base_id=None) -> str:
+    """EXPLAIN ANALYZE of the statement the search sends, as the runtime role (for an indexed
+    tenant: a call of rtv.search_own_index, whose walk EXPLAIN does not show)."""
     stmt, params, settings = similar_chunks_statement(scope.context, query, k, knowledge_base_id=knowledge_base_id,
                                                       metric="cosine", max_distance=None, with_embedding=False,
                                                       search_key=key)
@@ -72,6 +78,35 @@ def _plan(scope, query, *, k=10, key=None, knowledge_base_id=None) -> str:
             tx.connection.execute(text("SELECT set_config(:n, :v, true)"), {"n": name, "v": value})
         return "\n".join(r[0] for r in tx.connection.execute(
             text("EXPLAIN (ANALYZE, BUFFERS OFF, COSTS OFF, TIMING OFF, SUMMARY OFF) " + stmt.text), params))
+
+
+def _vector(values) -> str:
+    return "[" + ",".join(repr(float(x)) for x in values) + "]"
+
+
+def _walk(target, tenant, query, *, k=10, knowledge_base_id=None) -> str:
+    """The plan of the walk inside ``rtv.search_own_index``, called with ``tenant``'s signed
+    context: the admin loads auto_explain (which the runtime role cannot), then calls it as the
+    runtime role. What an operator sees, never a tenant."""
+    token = mint_token(load_keys()[-1], tenant_id=tenant, platform_account_id=None, lane="api",
+                       expires_at=int(time.time()) + 60)
+    plans: list[str] = []
+    with psycopg.connect(to_libpq_url(target.require_admin()), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        with conn.transaction():
+            for name, value in (("auto_explain.log_min_duration", "0"), ("auto_explain.log_nested_statements", "on"),
+                                ("auto_explain.log_analyze", "on"), ("auto_explain.log_timing", "off"),
+                                ("auto_explain.log_level", "notice"), ("client_min_messages", "notice")):
+                conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+            conn.execute("SELECT rtv.set_signed_context(%s, NULL, NULL)", (token,))
+            conn.execute(psycopg.sql.SQL("SET LOCAL ROLE {}").format(psycopg.sql.Identifier(target.settings.runtime_role)))
+            conn.execute("SELECT * FROM rtv.search_own_index(%s, %s, %s, false)",
+                         (_vector(query), k, knowledge_base_id)).fetchall()
+    walks = [p for p in plans if "FROM public.knowledge_chunks c" in p]
+    assert len(walks) == 1, plans
+    # Timings and estimates move with the machine and the statistics; the walk is what counts.
+    return re.sub(r"  \(cost=[^)]*\)", "", walks[0].split("\n", 1)[1])
 
 
 def _index(target, tenant):
@@ -93,9 +128,11 @@ def test_a_large_tenants_search_walks_its_own_index_only(target, db, tenants, la
     assert key == index.search_key and _key(db, tenants.b) is None
     scope = with_tenant_scope(db, tenants.a)
     query = _near(centers[3], 0.3)
-    plan = _plan(scope, query, key=key)
-    assert index.index_name in plan, plan
-    assert "Rows Removed by Filter" not in plan, plan  # nothing of another tenant in the walk
+    plan = _plan(scope, query, key=key)                      # what A's own EXPLAIN shows: the call
+    assert "Function Scan on search_own_index" in plan and index.index_name not in plan, plan
+    walk = _walk(target, tenants.a, query)                   # what the call does, seen by the operator
+    assert index.index_name in walk, walk
+    assert "Rows Removed by Filter" not in walk, walk  # nothing of another tenant in the walk
     hits = total = 0
     for topic in list(range(TOPICS)) * 3:  # 240 results: one miss moves recall by 0.004
         query = _near(centers[topic], 0.3)
@@ -144,7 +181,8 @@ def test_the_catalog_shows_a_number_not_the_tenant(target, db, tenants, large):
     with db.engine.connect() as conn:  # the runtime role reads the catalog like anyone
         definition = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
                                   {"n": index.index_name}).scalar()
-        assert f"search_key = {index.search_key}" in definition and str(tenants.a) not in definition
+        assert definition.endswith(f"WHERE (rtv_secret.search_partition(search_key) = {index.search_key})")
+        assert str(tenants.a) not in definition
         with pytest.raises(Exception, match="permission denied"):
             conn.execute(text("SELECT * FROM rtv_secret.search_indexes"))
 
@@ -164,14 +202,14 @@ def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, adm
     centers, _, _ = large
     index = _index(target, tenants.a)                 # A is the victim here, B the attacker
     assert _injected_write(db, tenants.b, index.search_key) == 0  # the trigger set B's rows' key back
-    plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
-    assert "Rows Removed by Filter" not in plan, plan
+    walk = _walk(target, tenants.a, _near(centers[1], 0.3))
+    assert "Rows Removed by Filter" not in walk, walk
 
-    # The attack against the code before the trigger: it works, and A's walk shows B's rows.
+    # The attack against the code before the trigger: it works, and A's walk goes through B's rows.
     admin_conn.execute("DROP TRIGGER assign_search_key ON knowledge_chunks")
     assert _injected_write(db, tenants.b, index.search_key) == 302  # all of B's rows, two planted
-    plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
-    assert "Rows Removed by Filter" in plan, plan
+    walk = _walk(target, tenants.a, _near(centers[1], 0.3))
+    assert "Rows Removed by Filter" in walk, walk
 
     # verify sees both the missing trigger and the mixed index; the documented fix clears them.
     from rtv_db.verify import verify
@@ -181,18 +219,17 @@ def test_a_tenant_cannot_put_its_rows_into_another_tenants_index(target, db, adm
     drop_tenant_index(target, tenants.a)
     _index(target, tenants.a)
     assert verify(target.admin_url) == []
-    plan = _plan(with_tenant_scope(db, tenants.a), _near(centers[1], 0.3), key=index.search_key)
-    assert "Rows Removed by Filter" not in plan, plan
+    walk = _walk(target, tenants.a, _near(centers[1], 0.3))
+    assert "Rows Removed by Filter" not in walk, walk
 
 
 def test_a_tenants_search_plan_is_the_same_whatever_others_store(target, db, system, tenants, large):
     centers, kbs, _ = large
-    index = _index(target, tenants.a)
+    _index(target, tenants.a)
     query = _near(centers[2], 0.3)
-    plans = {"a": _plan(with_tenant_scope(db, tenants.a), query, key=index.search_key),
-             "b": _plan(with_tenant_scope(db, tenants.b), query)}
+    plans = {"a": _walk(target, tenants.a, query), "b": _plan(with_tenant_scope(db, tenants.b), query)}
     _load(system, tenants.b, kbs[tenants.b][0], centers, 700, 0.05)   # B stores more, around A's query
-    assert _plan(with_tenant_scope(db, tenants.a), query, key=index.search_key) == plans["a"]
+    assert _walk(target, tenants.a, query) == plans["a"]
     # B's exact plan counts B's own rows only: 300 then 1,000, never A's.
     after = _plan(with_tenant_scope(db, tenants.b), query)
     assert "rows=300" in plans["b"] and "rows=1000" in after and "3000" not in after
@@ -215,6 +252,21 @@ def test_drop_returns_to_exact_and_a_stale_key_still_finds_every_row(target, db,
     assert _index(target, tenants.a).search_key == index.search_key  # the key stays with A
 
 
+def test_the_walk_runs_with_rtv_dbs_settings(admin_conn):
+    """rtv.search_own_index's SET clauses are the values this module documents (EF_SEARCH)."""
+    config = admin_conn.execute("SELECT proconfig FROM pg_proc "
+                                "WHERE oid = 'rtv.search_own_index(text, integer, uuid, boolean)'::regprocedure").fetchone()[0]
+    assert {f"hnsw.ef_search={EF_SEARCH}", "hnsw.iterative_scan=relaxed_order", "enable_sort=off"} <= set(config)
+
+
+def test_a_build_reports_its_progress(target, tenants, large):
+    events: list[BuildProgress] = []
+    built = index_tenant(target, tenants.a, min_chunks=1000, progress=events.append)
+    steps = [e.step for e in events]
+    assert steps[0] == "keying" and steps[-1] == "ready" and set(steps) <= {"keying", "building", "ready"}
+    assert built.state == "ready"
+
+
 def test_index_large_tenants_picks_tenants_above_the_size(target, tenants, large):
     built = index_large_tenants(target, min_chunks=1000)
     assert [i.tenant_id for i in built] == [tenants.a]
@@ -229,6 +281,8 @@ def test_bad_input_is_refused_and_nothing_is_built(target, tenants):
         index_tenant(target, uuid.uuid4())
     with pytest.raises(InvalidInputError, match="m must be"):
         index_tenant(target, tenants.a, m=1)
+    with pytest.raises(InvalidInputError, match="wait_seconds"):
+        index_tenant(target, tenants.a, wait_seconds=0)
     with pytest.raises(InvalidInputError, match="fewer than 10000: its searches are exact"):
         index_tenant(target, tenants.a)  # no chunks: below the default size
     with pytest.raises(InvalidInputError, match="no search index"):
@@ -262,6 +316,22 @@ def test_the_commands(target, tenants, large):
     assert result.exit_code == 1 and "has no search index" in " ".join(result.output.split())
     result = run(cli, ["search", "drop", *url, "--tenant", str(tenants.a)])
     assert result.exit_code == 0 and "dropped" in result.output and "no index" in result.output
+
+
+def test_the_command_shows_progress_on_a_terminal(target, tenants, large, monkeypatch):
+    import io
+
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    from rtv_db import cli as cli_module
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_module, "err_console", Console(file=screen, force_terminal=True, width=200))
+    result = CliRunner().invoke(cli_module.cli, ["search", "index", "--database-url", target.admin_url,
+                                                 "--tenant", str(tenants.a), "--min-chunks", "1000"])
+    assert result.exit_code == 0, result.output
+    assert f"giving tenant {tenants.a}'s 3000 chunks their key" in screen.getvalue()
 
 
 def test_the_orm_form_returns_session_objects_nearest_first(target, db, tenants, large):
@@ -335,15 +405,24 @@ def test_settings_planted_by_one_tenant_do_not_reach_anothers_search(one_backend
     victim, attacker = with_tenant_scope(one_backend, tenants.a), with_tenant_scope(one_backend, tenants.b)
     before = [r.id for r in victim.similar_chunks(query, k=20)]
     assert len(before) == 20
-    # What the planted settings do to A's walk if they reach it (here set in A's own transaction,
-    # as they would be with no clean session): fewer than k rows.
+    # What the planted settings do to a walk of A's index that they reach: fewer than k rows (the
+    # walk's statement, run by the admin with the settings of the transaction).
+    with psycopg.connect(to_libpq_url(target.require_admin())) as admin:
+        for plant in _PLANTS[:3]:
+            admin.execute(plant.replace("false)", "true)"))
+        admin.execute("SELECT set_config('enable_sort', 'off', true)")
+        assert len(admin.execute(
+            "SELECT id FROM knowledge_chunks WHERE client_id = %s AND rtv_secret.search_partition(search_key) = %s"
+            " ORDER BY embedding <=> %s::vector LIMIT 20", (tenants.a, index.search_key, _vector(query))).fetchall()) < 20
+    # rtv.search_own_index (revision 0011) sets ef_search, iterative scan and enable_sort for its
+    # own duration: the same settings in A's own transaction leave its search at k rows.
     stmt, params, _ = similar_chunks_statement(victim.context, query, 20, knowledge_base_id=None, metric="cosine",
                                                max_distance=None, with_embedding=False, search_key=index.search_key)
     with victim.scoped_transaction() as tx:
         for plant in _PLANTS[:3]:
             tx.connection.execute(text(plant.replace("false)", "true)")))
         tx.connection.execute(text("SELECT set_config('enable_sort', 'off', true)"))
-        assert len(tx.connection.execute(stmt, params).fetchall()) < 20
+        assert [r.id for r in tx.connection.execute(stmt, params)] == before
     with attacker.scoped_transaction() as tx:               # B's injected SQL plants session state
         pid = tx.connection.execute(text("SELECT pg_backend_pid()")).scalar()
         for plant in _PLANTS:

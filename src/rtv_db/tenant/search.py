@@ -9,13 +9,16 @@ it threw away, which maps where other tenants' vectors lie). Two plans:
   ranked by a top-N sort on a distance no vector index can order by, so no index walk is ever
   chosen. Recall is 1.0; the cost grows with the tenant's chunk count.
 * **The tenant's own HNSW index** (cosine), once ``rtv-db search index`` built it
-  (rtv_db.search_index): a partial index on the tenant's opaque ``search_key``, walked with
-  ``hnsw.ef_search`` set for the transaction to at least ``k`` and iterative scan on, so a filter
-  on a knowledge base still yields ``k`` results.
+  (rtv_db.search_index): a partial index on the tenant's opaque ``search_key``, walked by
+  ``rtv.search_own_index`` (revision 0011), a SECURITY DEFINER function that reads the tenant
+  from the verified context and its key from the owner's map. The runtime role cannot write the
+  index's predicate itself, so no statement of any tenant walks another's index (and counts its
+  rows in ``EXPLAIN ANALYZE``). The function walks with ``hnsw.ef_search`` at least ``k`` and
+  iterative scan on, so a filter on a knowledge base still yields ``k`` results.
 
 Which plan a tenant gets is read from ``rtv.current_search_key()`` (NULL until its index is
-ready), cached per engine for :data:`SEARCH_KEY_TTL` seconds. A stale answer is still correct: a
-tenant keeps its key once given, so the indexed form matches its rows with or without the index.
+ready), cached per engine for :data:`SEARCH_KEY_TTL` seconds. A stale answer is still correct:
+with no index ready the function returns no rows, and the search is done exactly instead.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ INDEXED_METRIC: Final = "cosine"
 # of docs/benchmarks/search.md). The recall lost is on queries near topics the tenant has no
 # chunks on; near its own topics it is 1.0. On 3,000 chunks of gaussian clusters
 # (tests/test_search_index.py): 0.67 at pgvector's default of 40, 0.95 at 100, 0.996 at 200.
+# rtv.search_own_index (revision 0011) sets it, max(k, this); a test checks the two agree.
 EF_SEARCH: Final = 400
 SEARCH_KEY_TTL: Final = 30.0
 
@@ -100,7 +104,8 @@ def similar_chunks_statement(
     search_key: int | None = None,
 ) -> tuple[Any, dict[str, Any], tuple[tuple[str, str], ...]]:
     """The SQL, parameters and transaction settings of one search, validated
-    (``InvalidInputError``, nothing sent). ``search_key``: the tenant's, when its index is ready."""
+    (``InvalidInputError``, nothing sent). ``search_key``: the tenant's, when its index is ready
+    (then the statement is a call of ``rtv.search_own_index``, which reads the key itself)."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}")
     operator = _OPERATORS.get(metric) if isinstance(metric, str) else None
@@ -124,28 +129,20 @@ def similar_chunks_statement(
         distance_filter = " WHERE distance <= :max_distance"
     columns = f"id, knowledge_base_id, content, metadata, {'embedding, ' if with_embedding else ''}"
     if search_key is not None and metric == INDEXED_METRIC:
-        # The partial index's predicate, search_key = <key>, is matched by the planner: the key is
-        # a bound value of an unnamed statement, so the plan is made for it. max_distance is
-        # applied by SearchPlan to the k rows of the walk, which tell it whether the walk fell short.
+        # The walk is rtv.search_own_index's (revision 0011): it finds the tenant's key itself,
+        # and sets ef_search (max(k, 400)), iterative scan and enable_sort for its own duration.
+        # max_distance is applied by SearchPlan to the k rows of the walk, which tell it whether
+        # the walk fell short.
         params.pop("max_distance", None)
-        distance_filter = ""
-        params["search_key"] = search_key
+        params.pop("tenant")  # the function reads the tenant from the verified context
+        params["kb"] = params.get("kb")
+        params["with_embedding"] = with_embedding
         sql = f"""
-            SELECT * FROM (
-                SELECT {columns}embedding {operator} CAST(:q AS vector) AS distance
-                FROM knowledge_chunks
-                WHERE client_id = :tenant AND search_key = :search_key{kb_filter} AND embedding IS NOT NULL
-                ORDER BY embedding {operator} CAST(:q AS vector)
-                LIMIT :k
-            ) nearest{distance_filter}
+            SELECT {columns}distance
+            FROM rtv.search_own_index(CAST(:q AS text), :k, CAST(:kb AS uuid), :with_embedding)
             ORDER BY distance, id
         """
-        # enable_sort off: the planner would rather sort a few thousand rows than walk the index,
-        # and its costs depend on estimates; off, the walk is chosen whatever the estimates say
-        # (the outer sort of k rows is the only sort left).
-        settings = (("hnsw.ef_search", str(max(k, EF_SEARCH))), ("hnsw.iterative_scan", "relaxed_order"),
-                    ("enable_sort", "off"))
-        return text(sql), params, settings
+        return text(sql), params, ()
     # "+ 0": an ORDER BY that no vector index can serve, so this plan never walks one, whatever
     # indexes exist (one over several tenants' vectors, which verify reports as
     # VECTOR_INDEX_SHARED, or another tenant's own); the k nearest are kept by a top-N sort over

@@ -1,5 +1,6 @@
-"""Checks for similarity search (issue 14, revision 0007): no vector index holds more than one
-tenant's embeddings, and the per-tenant indexes' keys stay their tenants' own.
+"""Checks for similarity search (issue 14, revisions 0007 and 0011): no vector index holds more
+than one tenant's embeddings, no per-tenant index can be walked by another tenant, and the
+per-tenant indexes' keys stay their tenants' own.
 """
 
 from __future__ import annotations
@@ -12,26 +13,66 @@ from psycopg import Connection
 from ._model import Finding, VerifyConfig, _scalar, register_check, tenant_tables
 
 _VECTOR_METHODS = ("hnsw", "ivfflat")
-_PER_TENANT = re.compile(r"\(search_key = (\d+)\)")
+# The predicate of a per-tenant index (revision 0011): one key, through rtv_secret's function,
+# which the runtime role cannot name. pg_get_expr leaves the schema out when it is on the
+# reader's search_path, so the index must also depend on that very function (a look-alike in
+# another schema prints the same).
+_PER_TENANT = re.compile(r"\((?:rtv_secret\.)?search_partition\(search_key\) = (\d+)\)")
+# The form of revisions 0007-0010, which any role can write in a query of its own.
+_WALKABLE = re.compile(r"\(search_key = (\d+)\)")
+_LOOK_ALIKE = re.compile(r"\((?:[A-Za-z_][A-Za-z0-9_$]*\.)?search_partition\(search_key\) = (\d+)\)")
 
 
-def _vector_indexes(conn: Connection, config: VerifyConfig) -> Iterator[tuple[str, str, str, str | None]]:
-    """(table, index, access method, predicate) of every vector index on a tenant table."""
+def _vector_indexes(conn: Connection, config: VerifyConfig) -> Iterator[tuple[str, str, str, str | None, bool]]:
+    """(table, index, access method, predicate, whether the predicate calls rtv_secret.search_partition)
+    of every vector index on a tenant table."""
+    # By oid, not by name: the runtime role may not resolve names in rtv_secret.
+    partition = _scalar(conn, "SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                              "WHERE n.nspname = 'rtv_secret' AND p.proname = 'search_partition' "
+                              "AND p.proargtypes = '23'::oidvector")
     for t in tenant_tables(conn, config):
-        for name, method, predicate in conn.execute(
-            "SELECT i.indexrelid::regclass::text, am.amname, pg_get_expr(i.indpred, i.indrelid) "
+        for name, method, predicate, calls in conn.execute(
+            "SELECT i.indexrelid::regclass::text, am.amname, pg_get_expr(i.indpred, i.indrelid), "
+            "EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid "
+            "        AND d.refclassid = 'pg_proc'::regclass AND d.refobjid = %s) "
             "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam "
             "WHERE i.indrelid = %s AND am.amname = ANY (%s) ORDER BY 1",
-            (t.oid, list(_VECTOR_METHODS)),
+            (partition, t.oid, list(_VECTOR_METHODS)),
         ):
-            yield t.name, name, method, predicate
+            yield t.name, name, method, predicate, bool(calls)
+
+
+def _key(predicate: str | None, calls: bool) -> tuple[int, bool] | None:
+    """The key of a per-tenant index, and whether no other tenant can walk it; None for any other index.
+
+    Walkable: the form of revisions 0007-0010, or the current one through a look-alike function
+    (one the predicate does not depend on: another schema's, which the runtime role may name)."""
+    if predicate is None:
+        return None
+    if match := _PER_TENANT.fullmatch(predicate):
+        return int(match.group(1)), calls
+    if (match := _WALKABLE.fullmatch(predicate)) or (match := _LOOK_ALIKE.fullmatch(predicate)):
+        return int(match.group(1)), False
+    return None
 
 
 @register_check
 def check_vector_indexes(conn: Connection, config: VerifyConfig) -> Iterator[Finding]:
-    """Every vector index on a tenant table is partial on one search key (one tenant's vectors)."""
-    for table, name, method, predicate in _vector_indexes(conn, config):
-        if predicate is not None and _PER_TENANT.fullmatch(predicate):
+    """Every vector index on a tenant table is partial on one search key (one tenant's vectors),
+    in the form no other tenant can walk."""
+    for table, name, method, predicate, calls in _vector_indexes(conn, config):
+        if (key := _key(predicate, calls)) is not None:
+            if not key[1]:
+                yield Finding(
+                    "SEARCH_INDEX_WALKABLE", "error", f"{table}: index {name}",
+                    f"{method} index {name} on {table} is partial on `{predicate}`, which the runtime role can write "
+                    "(rtv-db's is on rtv_secret.search_partition, which it cannot name)",
+                    "Another tenant's statement with the same condition walks it: the policy drops every row "
+                    "and EXPLAIN ANALYZE's Rows Removed by Filter counts the owning tenant's live rows, in "
+                    "real time.",
+                    f"DROP INDEX {name}; `rtv-db search index --tenant ID` builds it again on "
+                    "rtv_secret.search_partition(search_key) (revision 0011; `rtv-db migrate` first).",
+                )
             continue
         yield Finding(
             "VECTOR_INDEX_SHARED", "error", f"{table}: index {name}",
@@ -79,11 +120,10 @@ def check_search_keys(conn: Connection, config: VerifyConfig) -> Iterator[Findin
                    (registry,)):
         return
     owners = dict(conn.execute("SELECT search_key, tenant_id FROM rtv_secret.search_indexes").fetchall())
-    for table, name, _, predicate in _vector_indexes(conn, config):
-        match = _PER_TENANT.fullmatch(predicate or "")
-        if match is None:
+    for table, name, _, predicate, calls in _vector_indexes(conn, config):
+        if (found := _key(predicate, calls)) is None:
             continue
-        key = int(match.group(1))
+        key = found[0]
         tenant = owners.get(key)
         foreign = _scalar(conn, f"SELECT count(*) FROM {table} WHERE search_key = %s "  # noqa: S608 - a regclass name
                                 f"AND client_id IS DISTINCT FROM %s", (key, tenant))
