@@ -1020,3 +1020,24 @@ def test_verify_reports_privileges_left_on_a_worker(citus_target: Target) -> Non
     with engine.connect() as conn:
         assert list(citus.check_citus(conn, None)) == []
     engine.dispose()
+
+
+@needs_citus
+@pytest.mark.citus
+@pytest.mark.usefixtures("unsigned_env")
+def test_verify_knows_the_citus_forms_of_rtv_functions(citus_target: Target) -> None:
+    """Issue 24, item 7 on Citus: the functions the distribution rewrites (the audit trigger's guard,
+    to_uuid_or_null, the plain readers of unsigned mode) are compared in their Citus form, and a
+    weakened one is still found."""
+    from rtv_db.verify import check_function_definitions, verify
+
+    admin = citus_target.require_admin()
+    assert verify(admin, checks=[check_function_definitions]) == []
+    with psycopg.connect(to_libpq_url(admin), autocommit=True) as conn:
+        (definition,) = conn.execute("SELECT pg_get_functiondef('rtv.current_lane()'::regprocedure)").fetchone()
+        try:
+            conn.execute("CREATE OR REPLACE FUNCTION rtv.current_lane() RETURNS text LANGUAGE sql STABLE"
+                         " AS $$ SELECT 'api'::text $$")
+            assert [f.code for f in verify(admin, checks=[check_function_definitions])] == ["FUNCTION_ALTERED"]
+        finally:
+            conn.execute(definition)

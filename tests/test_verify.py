@@ -27,6 +27,7 @@ ALL_CODES = {
     "ROLE_CAN_CREATE_TEMP", "ROLE_MEMBER_OF_PRIVILEGED", "KEY_WITHOUT_TENANT", "FK_NOT_TENANT_COMPOSITE",
     "INDEX_NO_TENANT_LEAD", "VIEW_NOT_SECURITY_INVOKER", "MATVIEW_OVER_TENANT", "SECDEF_NO_SEARCH_PATH",
     "CONTEXT_UNSIGNED", "ROLE_SETTINGS_UNEXPECTED", "ROLE_TIMEOUTS_MISSING", "ROLE_LOGS_PARAMETERS",
+    "ROLE_TEMP_FILES_UNBOUNDED",  # issue 24 (item 5)
     "ROLE_CAN_SIGNAL_SESSIONS", "ROLE_CAN_LOCK_ADVISORY", "ROLE_CAN_USE_LARGE_OBJECTS", "ROLE_CAN_READ_QUERY_TEXT",
     # issue 16
     "POLICY_FOREIGN_FUNCTION", "READER_NOT_SIGNED", "TRIGGER_ON_TENANT_TABLE", "RULE_ON_TENANT_TABLE",
@@ -34,6 +35,10 @@ ALL_CODES = {
     "SECRET_SCHEMA_USABLE", "SIGNING_KEY_UNEXPECTED",
     # issue 14
     "VECTOR_INDEX_SHARED", "SEARCH_KEY_TRIGGER_MISSING", "SEARCH_INDEX_MIXED",
+    # issue 24 (item 8)
+    "SEARCH_INDEX_WALKABLE",
+    # issue 24 (items 1, 11, 12)
+    "INDEX_NOT_TENANT_LED", "TENANT_COLUMN_STATISTICS",
 }
 
 
@@ -95,6 +100,8 @@ def test_every_finding_explains_itself(target, admin_conn):
 GOOD_TABLE = """
 CREATE TABLE notes (client_id uuid NOT NULL REFERENCES clients (id), id uuid NOT NULL, body text,
                     PRIMARY KEY (client_id, id));
+ALTER TABLE notes ALTER COLUMN client_id SET STATISTICS 0, ALTER COLUMN id SET STATISTICS 0,
+    ALTER COLUMN body SET STATISTICS 0;
 ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
 ALTER TABLE notes FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON notes USING (client_id = (SELECT rtv.current_tenant_id()))
@@ -172,33 +179,38 @@ TABLE_CASES = {
         " WITH CHECK (client_id = (SELECT current_setting('app.current_tenant_id')::uuid))",
         {"POLICY_PER_ROW_CONTEXT", "POLICY_ALWAYS_TRUE"},  # a plain setting: forgeable in signed mode
     ),
+    # (An index not led by client_id is also an EXPLAIN ANALYZE oracle: INDEX_NOT_TENANT_LED.)
     "primary key without client_id": (
         "ALTER TABLE notes DROP CONSTRAINT notes_pkey, ADD PRIMARY KEY (id);"
         "CREATE INDEX ON notes (client_id)",
-        {"KEY_WITHOUT_TENANT"},
+        {"KEY_WITHOUT_TENANT", "INDEX_NOT_TENANT_LED"},
     ),
     "unique constraint without client_id": ("ALTER TABLE notes ADD CONSTRAINT notes_body_key UNIQUE (body)",
-                                            {"KEY_WITHOUT_TENANT"}),
-    "unique index without client_id": ("CREATE UNIQUE INDEX notes_body_idx ON notes (body)", {"KEY_WITHOUT_TENANT"}),
+                                            {"KEY_WITHOUT_TENANT", "INDEX_NOT_TENANT_LED"}),
+    "unique index without client_id": ("CREATE UNIQUE INDEX notes_body_idx ON notes (body)",
+                                       {"KEY_WITHOUT_TENANT", "INDEX_NOT_TENANT_LED"}),
     "no index leading with client_id": (
         "ALTER TABLE notes DROP CONSTRAINT notes_pkey, ADD PRIMARY KEY (id, client_id)",
-        {"INDEX_NO_TENANT_LEAD"},
+        {"INDEX_NO_TENANT_LEAD", "INDEX_NOT_TENANT_LED"},
     ),
     "foreign key to another tenant table on id only": (
-        "ALTER TABLE notes ADD COLUMN brand_kit_id uuid;"
+        "ALTER TABLE notes ADD COLUMN brand_kit_id uuid; ALTER TABLE notes ALTER COLUMN brand_kit_id SET STATISTICS 0;"
         "CREATE UNIQUE INDEX brand_kits_id_idx ON brand_kits (id);"
         "ALTER TABLE notes ADD CONSTRAINT notes_brand_kit_fkey FOREIGN KEY (brand_kit_id) REFERENCES brand_kits (id)",
-        {"FK_NOT_TENANT_COMPOSITE", "KEY_WITHOUT_TENANT"},  # the unique index on brand_kits(id) too
+        {"FK_NOT_TENANT_COMPOSITE", "KEY_WITHOUT_TENANT", "INDEX_NOT_TENANT_LED"},  # the index on brand_kits(id) too
     ),
     "foreign key to clients on another column": (
-        "ALTER TABLE notes ADD COLUMN partner_id uuid REFERENCES clients (id)",
+        "ALTER TABLE notes ADD COLUMN partner_id uuid REFERENCES clients (id);"
+        "ALTER TABLE notes ALTER COLUMN partner_id SET STATISTICS 0",
         {"FK_NOT_TENANT_COMPOSITE"},
     ),
     "composite foreign key": (
         "ALTER TABLE notes ADD COLUMN brand_kit_id uuid,"
-        " ADD FOREIGN KEY (client_id, brand_kit_id) REFERENCES brand_kits (client_id, id)",
+        " ADD FOREIGN KEY (client_id, brand_kit_id) REFERENCES brand_kits (client_id, id);"
+        "ALTER TABLE notes ALTER COLUMN brand_kit_id SET STATISTICS 0",
         set(),
     ),
+    "a column that collects statistics": ("ALTER TABLE notes ADD COLUMN title text", {"TENANT_COLUMN_STATISTICS"}),
     "view without security_invoker": ("CREATE VIEW all_notes AS SELECT * FROM notes", {"VIEW_NOT_SECURITY_INVOKER"}),
     "view with security_invoker": ("CREATE VIEW my_notes WITH (security_invoker = true) AS SELECT * FROM notes",
                                    set()),
@@ -241,6 +253,7 @@ ALTER TABLE events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE events FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON events USING (client_id = (SELECT rtv.current_tenant_id()));
 GRANT SELECT ON events TO rtv_app;
+ALTER TABLE events ALTER COLUMN client_id SET STATISTICS 0, ALTER COLUMN id SET STATISTICS 0;
 """
 
 
@@ -485,7 +498,7 @@ PLANTED = {
         "ALTER TABLE backup.brand_kits OWNER TO rtv_owner; GRANT USAGE ON SCHEMA backup TO rtv_app;"
         "GRANT SELECT ON backup.brand_kits TO rtv_app;"
         "CREATE INDEX ON backup.brand_kits (client_id)",
-        {"RLS_NOT_ENABLED", "RLS_NOT_FORCED"}),
+        {"RLS_NOT_ENABLED", "RLS_NOT_FORCED", "TENANT_COLUMN_STATISTICS"}),  # a copy's columns collect statistics
     "SELECT to PUBLIC on a table without client_id": (
         "CREATE TABLE public.names AS SELECT name FROM public.brand_kits; ALTER TABLE public.names OWNER TO rtv_owner;"
         "GRANT SELECT ON public.names TO PUBLIC",
@@ -506,10 +519,12 @@ PLANTED = {
         {"SECDEF_PRIVILEGED_OWNER"}),
     # a sequence shared by all tenants
     "serial column": (
-        "ALTER TABLE brand_kits ADD COLUMN seq serial; GRANT USAGE ON SEQUENCE brand_kits_seq_seq TO rtv_app",
+        "ALTER TABLE brand_kits ADD COLUMN seq serial; GRANT USAGE ON SEQUENCE brand_kits_seq_seq TO rtv_app;"
+        "ALTER TABLE brand_kits ALTER COLUMN seq SET STATISTICS 0",
         {"SEQUENCE_SHARED"}),
     # the secret schema and the keys
-    "USAGE on rtv_secret": ("GRANT USAGE ON SCHEMA rtv_secret TO rtv_app", {"SECRET_SCHEMA_USABLE"}),
+    # (with USAGE the runtime role can write clients_slug_key's expression: the slug oracle is back)
+    "USAGE on rtv_secret": ("GRANT USAGE ON SCHEMA rtv_secret TO rtv_app", {"SECRET_SCHEMA_USABLE", "INDEX_NOT_TENANT_LED"}),
     # similarity search (issue 14)
     "an HNSW index over every tenant": (
         "CREATE INDEX shared_hnsw ON knowledge_chunks USING hnsw (embedding vector_cosine_ops)", {"VECTOR_INDEX_SHARED"}),
@@ -521,8 +536,18 @@ PLANTED = {
     "the search-key trigger disabled": ("ALTER TABLE knowledge_chunks DISABLE TRIGGER assign_search_key",
                                         {"SEARCH_KEY_TRIGGER_MISSING"}),
     "a per-tenant index of a key nobody has": (
-        "CREATE INDEX orphan ON knowledge_chunks USING hnsw (embedding vector_cosine_ops) WHERE search_key = 7",
+        "CREATE INDEX orphan ON knowledge_chunks USING hnsw (embedding vector_cosine_ops)"
+        " WHERE rtv_secret.search_partition(search_key) = 7",
         {"SEARCH_INDEX_MIXED"}),
+    "a per-tenant index any tenant can walk (the form of revisions 0007-0010)": (
+        "CREATE INDEX walkable ON knowledge_chunks USING hnsw (embedding vector_cosine_ops) WHERE search_key = 7",
+        {"SEARCH_INDEX_WALKABLE", "SEARCH_INDEX_MIXED"}),
+    "a per-tenant index on a look-alike of rtv_secret.search_partition": (
+        "CREATE FUNCTION public.search_partition(integer) RETURNS integer LANGUAGE plpgsql IMMUTABLE"
+        " AS $$ BEGIN RETURN $1; END $$;"
+        "CREATE INDEX look_alike ON knowledge_chunks USING hnsw (embedding vector_cosine_ops)"
+        " WHERE public.search_partition(search_key) = 7",
+        {"SEARCH_INDEX_WALKABLE", "SEARCH_INDEX_MIXED"}),
     "an extra signing key": (
         "INSERT INTO rtv_secret.context_keys (key_id, secret) VALUES ('known', decode(repeat('00', 32), 'hex'))",
         {"SIGNING_KEY_UNEXPECTED"}),

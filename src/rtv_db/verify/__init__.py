@@ -36,9 +36,11 @@ from .roles import (  # noqa: I001
 )
 from .schema import (  # noqa: I001
     check_context_mode,
+    check_index_tenant_led,
     check_keys,
     check_security_definer,
     check_tenant_index,
+    check_tenant_statistics,
     check_views,
 )
 from .planted import (  # noqa: I001
@@ -98,6 +100,8 @@ __all__ = [
     "check_signed_readers",
     "check_signing_keys",
     "check_tenant_index",
+    "check_index_tenant_led",
+    "check_tenant_statistics",
     "check_tenant_table_triggers",
     "check_views",
 ]

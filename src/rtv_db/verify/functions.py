@@ -11,8 +11,9 @@ So verify compares every function in those schemas, attribute by attribute and b
 with a manifest of what rtv-db's migrations install (``functions.json`` beside this module,
 written from a freshly migrated database by ``tests/test_function_manifest.py``). The role names
 in bodies and owners are compared as ``@owner@``, ``@runtime@``, ``@system@``, so a deployment
-with its own role names matches. On Citus, the two functions the distribution rewrites
-(:mod:`rtv_db.citus.apply`) are compared in their Citus form.
+with its own role names matches. On Citus, the functions the distribution rewrites
+(:mod:`rtv_db.citus.apply`, and the plain context readers of unsigned mode,
+:mod:`rtv_db.citus.context`) are compared in their Citus form.
 
 Findings: ``FUNCTION_ALTERED`` (a definition differs), ``FUNCTION_MISSING`` (one of rtv-db's
 functions is gone), ``FUNCTION_UNEXPECTED`` (a function in rtv-db's schemas that its migrations
@@ -73,8 +74,13 @@ def function_definitions(conn: Connection, config: VerifyConfig) -> dict[str, di
     """Every function of rtv-db's schemas, as the manifest records it (role names as placeholders)."""
     roles = _roles(config)
     found: dict[str, dict[str, Any]] = {}
+    with conn.transaction():
+        # Type names in signatures are qualified unless visible: render them for one fixed path,
+        # whatever search_path the connection (or a planted role setting) has.
+        conn.execute("SET LOCAL search_path = pg_catalog, public")
+        rows = conn.execute(_DEFINITIONS, (list(SCHEMAS),)).fetchall()
     for (signature, language, secdef, volatility, strict, leakproof, parallel, proconfig, returns, owner,
-         source) in conn.execute(_DEFINITIONS, (list(SCHEMAS),)):
+         source) in rows:
         found[signature] = {
             "language": language,
             "security_definer": secdef,
@@ -100,6 +106,7 @@ def load_manifest() -> dict[str, Any]:
 def _citus_forms(expected: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The two functions as :mod:`rtv_db.citus.apply` rewrites them on a coordinator."""
     from ..citus.apply import _AUDIT_INSERT, _CITUS_TO_UUID
+    from ..citus.context import PLAIN_CONTEXT_READERS
     from ..citus.plan import AUDIT_REFERENCE_GUARD, AUDIT_TRIGGER_FUNCTION
 
     forms: dict[str, dict[str, Any]] = {}
@@ -107,6 +114,12 @@ def _citus_forms(expected: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     if audit is not None:
         forms[f"{AUDIT_TRIGGER_FUNCTION}()"] = {
             **audit, "source": audit["source"].replace(_AUDIT_INSERT, AUDIT_REFERENCE_GUARD + _AUDIT_INSERT)}
+    # Unsigned mode on Citus: the readers the policies call become revision 0002's plain ones.
+    for signature, statement in PLAIN_CONTEXT_READERS.items():
+        if signature in expected:
+            forms[signature] = {**expected[signature], "language": "sql", "security_definer": False,
+                                "volatility": "s", "parallel": "s", "config": [],
+                                "source": statement.split("$$")[1]}
     to_uuid = expected.get("rtv.to_uuid_or_null(text)")
     if to_uuid is not None:
         body = _CITUS_TO_UUID.split("$$")[1]
