@@ -29,7 +29,6 @@ from rtv_db.schema.models import EMBEDDING_DIM
 from rtv_db.search_index import BuildProgress, drop_tenant_index, index_large_tenants, index_tenant, tenant_indexes
 from rtv_db.signing import load_keys, mint_token
 from rtv_db.tenant.search import EF_SEARCH, search_keys, similar_chunks_statement
-from tests.test_pgbouncer import bouncers  # noqa: F401 - the PgBouncer fixture (skips when unavailable)
 from tests.vectors import cosine, near, unit
 
 RNG = random.Random(1414)
