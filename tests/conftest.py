@@ -114,6 +114,23 @@ def migrated_database(cluster: Cluster, template: str, prefix: str = "rtv_test")
         _drop(cluster, name)
 
 
+@contextmanager
+def database_at(cluster: Cluster, template: str, revision: str) -> Iterator[tuple[Target, Tenants]]:
+    """A migrated database downgraded to ``revision`` (the code before a fix, for the attack tests'
+    controls), with tenants A and B (a brand kit each), dropped afterwards."""
+    from rtv_db.migrate import downgrade
+
+    with migrated_database(cluster, template) as t:
+        downgrade(t.require_admin(), cluster.settings, revision)
+        a, b = uuid.uuid4(), uuid.uuid4()
+        with psycopg.connect(to_libpq_url(t.require_admin()), autocommit=True) as admin:
+            for tenant, name in ((a, "A"), (b, "B")):
+                admin.execute("INSERT INTO clients (id, name, slug) VALUES (%s, %s, %s)",
+                              (tenant, f"Client {name}", f"c-{tenant.hex[:8]}"))
+                admin.execute("INSERT INTO brand_kits (client_id, name) VALUES (%s, %s)", (tenant, f"Brand {name}"))
+        yield t, Tenants(a, b)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--citus-url", default=None,

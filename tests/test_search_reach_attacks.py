@@ -42,7 +42,7 @@ from sqlalchemy import text
 
 from rtv_db import Database, EngineOptions, similar_chunk_models, with_tenant_scope
 from rtv_db.config import to_libpq_url
-from rtv_db.migrate import downgrade, migrate
+from rtv_db.migrate import migrate
 from rtv_db.schema import knowledge_chunks
 from rtv_db.schema.models import EMBEDDING_DIM
 from rtv_db.search_index import BuildProgress, SearchIndexError, index_tenant, tenant_indexes
@@ -51,7 +51,7 @@ from rtv_db.tenant.search import search_keys
 from rtv_db.watchdog import WatchdogLimits, run_watchdog
 from tests.vectors import near, unit
 
-from conftest import Cluster, Tenants, make_tenants, migrated_database
+from conftest import Cluster, Tenants, database_at, make_tenants
 
 RNG = random.Random(2408)
 
@@ -122,14 +122,9 @@ def _index_name_of(db: Database, tenant: uuid.UUID) -> tuple[int, str]:
 def old_world(cluster: Cluster, template: str) -> Iterator[tuple[Target, Tenants, dict[str, Any]]]:
     """Revision 0010 (the code before this change): A with 66 chunks and its own index as the code
     of revisions 0007-0010 built it (``WHERE search_key = <key>``), B with 50 chunks."""
-    with migrated_database(cluster, template) as t:
-        downgrade(t.require_admin(), cluster.settings, "0010")
-        a, b = uuid.uuid4(), uuid.uuid4()
+    with database_at(cluster, template, "0010") as (t, tenants):
+        a, b = tenants.a, tenants.b
         center = unit([RNG.gauss(0, 1) for _ in range(EMBEDDING_DIM)])
-        with psycopg.connect(to_libpq_url(t.require_admin()), autocommit=True) as admin:
-            for tenant, name in ((a, "a"), (b, "b")):
-                admin.execute("INSERT INTO clients (id, name, slug) VALUES (%s, %s, %s)",
-                              (tenant, f"Client {name}", f"c-{name}-{tenant.hex[:8]}"))
         kbs = {a: _seed(t.require_admin(), a, 66, center), b: _seed(t.require_admin(), b, 50, center)}
         key = 123_456_789
         with psycopg.connect(to_libpq_url(t.require_admin()), autocommit=True) as admin:

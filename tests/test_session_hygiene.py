@@ -28,7 +28,7 @@ from rtv_db.signing import load_keys, mint_token
 from rtv_db.targets import Target
 from rtv_db.tenant import _transaction
 
-from conftest import Cluster, Tenants, attack, migrated_database, one_backend
+from conftest import Cluster, Tenants, attack, database_at, one_backend
 
 
 @pytest.fixture()
@@ -68,18 +68,9 @@ def _v1_token(tenant: uuid.UUID, pid: int, correlation_id: str = "") -> str:
 @pytest.fixture()
 def old_world(cluster: Cluster, template: str) -> Iterator[tuple[Target, Tenants]]:
     """A database at revision 0004, with tenants A and B."""
-    from rtv_db.migrate import downgrade
-
-
-    with migrated_database(cluster, template) as t:
-        downgrade(t.require_admin(), cluster.settings, "0004")
-        a, b = uuid.uuid4(), uuid.uuid4()
-        with psycopg.connect(to_libpq_url(t.require_admin()), autocommit=True) as admin:
-            for tenant, name in ((a, "A"), (b, "B")):
-                admin.execute("INSERT INTO clients (id, name, slug) VALUES (%s, %s, %s)", (tenant, f"Client {name}", f"c-{tenant.hex[:8]}"))
-                admin.execute("INSERT INTO brand_kits (client_id, name) VALUES (%s, %s)", (tenant, f"Brand {name}"))
-        yield t, Tenants(a, b)
-        migrate(t.require_admin(), cluster.settings)
+    with database_at(cluster, template, "0004") as (t, tenants):
+        yield t, tenants
+        migrate(t.require_admin(), cluster.settings)  # and back up: the upgrade path is exercised too
 
 
 def _old_begin(conn: psycopg.Connection, tenant: uuid.UUID, correlation_id: str = "") -> None:

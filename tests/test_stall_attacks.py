@@ -39,13 +39,12 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from conftest import Cluster, Tenants, make_tenants, migrated_database
+from conftest import Cluster, Tenants, database_at, make_tenants
 from rtv_db import Database, EngineOptions, brand_kits, migrate, with_tenant_scope
 from rtv_db._backend_memory import BackendMemory
 from rtv_db.cli import cli
 from rtv_db.config import to_libpq_url
 from rtv_db.errors import TenantContextRefusedError
-from rtv_db.migrate import downgrade
 from rtv_db.targets import Target
 from rtv_db.verify import check_runtime_role_settings, verify
 from rtv_db.watchdog import connect_watchdog, quarantined_tenants, sweep
@@ -179,14 +178,8 @@ def _attack_three_times(db, target, tenants, victim) -> list[list]:
 @pytest.fixture()
 def old_world(cluster: Cluster, template: str) -> Iterator[tuple[Target, Tenants]]:
     """A database at revision 0009 (before this change), with tenants A and B."""
-    with migrated_database(cluster, template) as t:
-        downgrade(t.require_admin(), cluster.settings, "0009")
-        a, b = uuid.uuid4(), uuid.uuid4()
-        with psycopg.connect(to_libpq_url(t.require_admin()), autocommit=True) as admin:
-            for tenant, name in ((a, "A"), (b, "B")):
-                admin.execute("INSERT INTO clients (id, name, slug) VALUES (%s, %s, %s)", (tenant, f"Client {name}", f"c-{tenant.hex[:8]}"))
-                admin.execute("INSERT INTO brand_kits (client_id, name) VALUES (%s, %s)", (tenant, f"Brand {name}"))
-        yield t, Tenants(a, b)
+    with database_at(cluster, template, "0009") as world:
+        yield world
 
 
 def test_control_on_0009_the_watchdog_ends_a_repeat_staller_again_and_again(old_world):
