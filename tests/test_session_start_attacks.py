@@ -735,3 +735,51 @@ def test_measure_session_start(target, cafe, monkeypatch):
         db.close()
         logging.getLogger("rtv_db.connection").removeHandler(handler)
     print(f"nothing planted, 4 threads x 10 s: {sum(done)} transactions, {len(retired)} sessions retired")
+
+
+# == everything at once ===============================================================================
+
+_EVERYTHING = (
+    "SELECT count(set_config('x.p' || i, 'v', false)) FROM generate_series(1, 50000) i",
+    "SET SESSION search_path = pg_catalog",
+    "SET SESSION DateStyle = 'SQL, DMY'",
+    "SET SESSION TimeZone = 'Asia/Tokyo'",
+    "SET SESSION default_transaction_read_only = on",
+    "SET SESSION work_mem = '1GB'",
+    "PREPARE loot AS SELECT 1",
+    "SET SESSION client_encoding = 'LATIN1'",
+    "SET SESSION lock_timeout = 1",
+    "SET SESSION statement_timeout = 1",
+)
+
+
+def test_control_on_the_old_start_everything_planted_at_once_breaks_the_next_tenant(shared, cafe, old_start,
+                                                                                   old_clean_session):
+    attack(shared, cafe.a, *_EVERYTHING)
+    with pytest.raises(DBAPIError):  # the planted timeout cancels the old clean-up: B's request fails
+        with_tenant_scope(shared, cafe.b).scoped_query(brand_kits)
+
+
+@pytest.mark.parametrize("path", ["direct", "pgbouncer"])
+def test_everything_planted_at_once_reaches_neither_the_next_tenant_nor_its_data(target, cafe, system, bouncers,
+                                                                                 path):
+    """A's one transaction plants every kind of session state at once (server side, driver side,
+    timeouts, a slow reset); B's next requests on the same backend read and write exactly as on a
+    fresh one."""
+    url = target.runtime_url if path == "direct" else bouncers.get("transaction", default_pool_size=1).url(target.runtime_url)
+    db = one_backend(url)
+    try:
+        attack(db, cafe.a, *_EVERYTHING)
+        b = with_tenant_scope(db, cafe.b)
+        for _ in range(3):
+            (kit,) = b.scoped_query(brand_kits)
+            assert kit.name == "Café" and kit.created_at.utcoffset() is not None
+            b.scoped_update(brand_kits, {"name": kit.name}, brand_kits.c.id == kit.id)
+            with b.scoped_transaction() as tx:
+                shown = tx.connection.exec_driver_sql(
+                    "SELECT current_setting('search_path'), current_setting('work_mem'),"
+                    " current_setting('transaction_read_only'), (SELECT count(*) FROM pg_prepared_statements)").one()
+            assert shown[0] != "pg_catalog" and shown[1] != "1GB" and shown[2] == "off" and shown[3] == 0
+        assert _stored(system, cafe.b) == "Café"
+    finally:
+        db.close()
